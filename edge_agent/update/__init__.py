@@ -1,0 +1,1 @@
+"""Model updates on the device: the pure trust core and the update workflow."""
