@@ -1,0 +1,422 @@
+"""fp16 and int8 variants of a canonical fp32 ONNX graph.
+
+Both keep the contract's float32 input ``X`` and float32/int64 outputs. A variant that
+would change nothing (tree, linear-classifier and SVM ops are ``ai.onnx.ml`` ops with no
+float16 or integer kernels) raises ``VariantNotApplicable``: lineside never ships an "int8"
+file that is really fp32. Every result is loaded and run once in onnxruntime before it is
+returned, because converters can emit graphs onnxruntime rejects (field notes section 2).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+from onnxconverter_common import float16 as occ_float16
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from converter.errors import CalibrationDataError, ConversionFailed, VariantNotApplicable
+from converter.onnx_build import ML_DOMAIN, dedupe_opsets, graph_inputs
+
+# fp16/int8 are worth a variant only when they shrink most of the float parameters...
+MIN_FP16_SHARE = 0.5
+MIN_INT8_SHARE = 0.5
+# ...and int8 only when the file really shrinks (tiny models grow: scales, Q/DQ nodes).
+MAX_INT8_SIZE_RATIO = 0.75
+MAX_FP16_SIZE_RATIO = 0.85
+# Weight-bearing ops only: QDQ on Reshape/Where/Add around the outputs costs accuracy and
+# saves nothing. Gather quantizes embedded tables (LocalOutlierFactor's training set).
+DYNAMIC_OPS = ("MatMul", "Conv", "Gather")
+STATIC_OPS = ("MatMul", "Gemm", "Conv", "Gather")
+SYMBOLIC_DUMP = "sym_shape_infer_temp.onnx"  # onnxruntime/tools/symbolic_shape_infer.py
+CALIBRATION_BATCH = 64
+# Ops whose presence means onnxruntime really quantized something.
+_QUANTIZED_OPS = frozenset(
+    {
+        "MatMulInteger",
+        "ConvInteger",
+        "DynamicQuantizeLinear",
+        "DynamicQuantizeMatMul",
+        "QLinearMatMul",
+        "QLinearConv",
+        "QGemm",
+        "QuantizeLinear",
+        "DequantizeLinear",
+    }
+)
+_INTEGER_TYPES = frozenset(
+    {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+)
+
+
+def to_fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """float16 weights and compute where onnxruntime has fp16 kernels; fp32 I/O kept."""
+    share, blocked_ops = _fp16_share(model)
+    if share < MIN_FP16_SHARE:
+        ops = ", ".join(sorted(blocked_ops)) or "none"
+        raise VariantNotApplicable(
+            f"fp16: only {share:.0%} of the float parameters could become float16; the rest "
+            f"are attributes of ai.onnx.ml ops ({ops}) that have no float16 kernels"
+        )
+    typed = _annotate_ml_types(model)
+    errors: list[str] = []
+    for name, convert in (
+        ("onnxconverter_common", _fp16_onnxconverter_common),
+        ("onnxruntime.transformers", _fp16_onnxruntime_transformers),
+    ):
+        try:
+            candidate = _fp16_as_raw_data(dedupe_opsets(convert(typed)))
+            _check_io_kept(model, candidate)
+            smoke_test(candidate)
+        except VariantNotApplicable:
+            raise
+        except (ConversionFailed, ValueError, RuntimeError, TypeError, KeyError) as exc:
+            # onnxconverter_common's graphs for MLP/IsolationForest failed to load here.
+            errors.append(f"{name}: {exc}")
+            continue
+        _check_smaller(model, candidate)
+        return candidate
+    raise ConversionFailed("fp16 conversion failed: " + "; ".join(errors))
+
+
+def to_int8(
+    model: onnx.ModelProto, calibration: np.ndarray | None
+) -> tuple[onnx.ModelProto, dict[str, object]]:
+    """Dynamic int8 (``calibration`` None) or static QDQ int8 calibrated on ``calibration``.
+
+    Returns the model and the settings used, including which ops ended up quantized.
+    VariantNotApplicable when onnxruntime quantizes nothing, when most float parameters
+    sit in ai.onnx.ml attributes it cannot touch, or when the result is not smaller.
+    """
+    model = dedupe_opsets(_copy(model))
+    share, blocked_ops = _fp16_share(model)
+    if share < MIN_INT8_SHARE:
+        raise VariantNotApplicable(
+            f"int8: only {share:.0%} of the float parameters are initializers onnxruntime can "
+            f"quantize; the rest are attributes of ai.onnx.ml ops "
+            f"({', '.join(sorted(blocked_ops)) or 'none'})"
+        )
+    if calibration is not None:
+        calibration = _check_calibration(model, calibration)
+    with tempfile.TemporaryDirectory(prefix="lineside-int8-") as tmp:
+        source = Path(tmp) / "fp32.onnx"
+        prepared = Path(tmp) / "prepared.onnx"
+        target = Path(tmp) / "int8.onnx"
+        onnx.save_model(model, source)
+        pre_processing = _pre_process(model, source, prepared)
+        quantizer_input = source if pre_processing == "none" else prepared
+        settings = _quantize(quantizer_input, target, calibration)
+        settings["pre_processing"] = pre_processing
+        quantized = dedupe_opsets(onnx.load_model(target))
+    _check_quantized(model, quantized, settings)
+    smoke_test(quantized)
+    return quantized, settings
+
+
+def _check_quantized(
+    original: onnx.ModelProto, quantized: onnx.ModelProto, settings: dict[str, object]
+) -> None:
+    """Trust the output, not the call: quantized ops present and a smaller file."""
+    counts = quantized_op_counts(quantized)
+    if not counts:
+        raise VariantNotApplicable(
+            f"int8: onnxruntime quantized no node; it quantizes {settings['op_types']} and "
+            f"this graph has none with float weights"
+        )
+    settings["quantized_ops"] = dict(counts)
+    ratio = quantized.ByteSize() / original.ByteSize()
+    settings["size_ratio"] = round(ratio, 3)
+    if ratio > MAX_INT8_SIZE_RATIO:
+        raise VariantNotApplicable(
+            f"int8: the quantized file is {ratio:.2f}x the fp32 file; its weights are too "
+            f"few to pay for the scales, zero points and (de)quantize nodes"
+        )
+
+
+def quantized_op_counts(model: onnx.ModelProto) -> Counter[str]:
+    """Quantization ops in the graph, counted by type; empty when nothing was quantized."""
+    int_initializers = {t.name for t in model.graph.initializer if t.data_type in _INTEGER_TYPES}
+    counts: Counter[str] = Counter()
+    for node in model.graph.node:
+        integer_op = node.op_type.endswith("Integer") and bool(int_initializers & set(node.input))
+        if node.op_type in _QUANTIZED_OPS or integer_op:
+            counts[node.op_type] += 1
+    return counts
+
+
+def smoke_test(model: onnx.ModelProto) -> None:
+    """Load and run ``model`` on two rows of zeros, as the device would; ConversionFailed if not."""
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(
+            model.SerializeToString(), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        first = session.get_inputs()[0]
+        width = first.shape[-1] if isinstance(first.shape[-1], int) else 1
+        session.run(None, {first.name: np.zeros((2, width), np.float32)})
+    except Exception as exc:  # onnxruntime raises untyped Fail/InvalidGraph exceptions
+        raise ConversionFailed(f"onnxruntime cannot run the variant: {exc}") from exc
+
+
+# --- fp16 ----------------------------------------------------------------------------------
+
+
+def _fp16_share(model: onnx.ModelProto) -> tuple[float, set[str]]:
+    """Share of float parameter bytes fp16 can convert, and the ai.onnx.ml ops holding the rest.
+
+    Standard-domain initializers/Constants can become float16; ai.onnx.ml ops
+    (TreeEnsemble*, LinearClassifier, SVM*...) keep their float attributes as they are.
+    """
+    graph = model.graph
+    convertible = sum(
+        t.ByteSize() for t in graph.initializer if t.data_type == onnx.TensorProto.FLOAT
+    )
+    blocked = 0
+    blocked_ops: set[str] = set()
+    for node in graph.node:
+        if node.domain == ML_DOMAIN:
+            size = sum(4 * len(a.floats) + a.t.ByteSize() for a in node.attribute)
+            blocked += size
+            if size:
+                blocked_ops.add(node.op_type)
+        elif node.op_type == "Constant":
+            convertible += sum(
+                a.t.ByteSize() for a in node.attribute if a.t.data_type == onnx.TensorProto.FLOAT
+            )
+    total = convertible + blocked
+    return (convertible / total if total else 0.0), blocked_ops
+
+
+# ai.onnx.ml ops whose outputs are always float (the classifiers' label output is int64:
+# onnx_build relabels classes to 0..C-1). ONNX shape inference leaves them untyped, and
+# untyped tensors make both fp16 converters feed float32 into fp16 ops (graph won't load).
+_ML_FLOAT_OUTPUT_OPS = frozenset(
+    {
+        "Scaler",
+        "Normalizer",
+        "Imputer",
+        "Binarizer",
+        "LinearRegressor",
+        "SVMRegressor",
+        "TreeEnsembleRegressor",
+    }
+)
+_ML_CLASSIFIER_OPS = frozenset({"LinearClassifier", "SVMClassifier", "TreeEnsembleClassifier"})
+
+
+def _annotate_ml_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy with value_info types for the outputs of ai.onnx.ml ops of known output type."""
+    typed = _copy(model)
+    graph = typed.graph
+    known = {v.name for v in (*graph.value_info, *graph.input, *graph.output)}
+    for node in graph.node:
+        if node.domain != ML_DOMAIN:
+            continue
+        for index, name in enumerate(node.output):
+            if name in known:
+                continue
+            if node.op_type in _ML_FLOAT_OUTPUT_OPS:
+                elem_type = onnx.TensorProto.FLOAT
+            elif node.op_type in _ML_CLASSIFIER_OPS:
+                elem_type = onnx.TensorProto.INT64 if index == 0 else onnx.TensorProto.FLOAT
+            else:
+                continue
+            graph.value_info.append(helper.make_tensor_value_info(name, elem_type, None))
+    return typed
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    return copied
+
+
+def _fp16_onnxconverter_common(model: onnx.ModelProto) -> onnx.ModelProto:
+    # It edits its argument in place; the fallback must get the untouched graph.
+    converted: onnx.ModelProto = occ_float16.convert_float_to_float16(
+        _copy(model), keep_io_types=True, disable_shape_infer=False
+    )
+    return converted
+
+
+def _fp16_onnxruntime_transformers(model: onnx.ModelProto) -> onnx.ModelProto:
+    # Imported here: only needed when onnxconverter_common's graph does not load.
+    from onnxruntime.transformers import float16 as ort_float16
+
+    converted: onnx.ModelProto = ort_float16.convert_float_to_float16(
+        _copy(model),
+        keep_io_types=True,
+        op_block_list=sorted({*ort_float16.DEFAULT_OP_BLOCK_LIST, *_ml_ops(model)}),
+    )
+    return converted
+
+
+def _fp16_as_raw_data(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Store float16 initializers as raw bytes.
+
+    The converters fill ``int32_data`` (one protobuf varint per half, ~2.5 bytes each),
+    which left an MLP at 0.66x its fp32 size instead of ~0.5x.
+    """
+    for index, tensor in enumerate(model.graph.initializer):
+        if tensor.data_type == onnx.TensorProto.FLOAT16 and not tensor.raw_data:
+            array = numpy_helper.to_array(tensor)
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(array, tensor.name))
+    return model
+
+
+def _check_smaller(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    ratio = converted.ByteSize() / original.ByteSize()
+    if ratio > MAX_FP16_SIZE_RATIO:
+        raise VariantNotApplicable(
+            f"fp16: the converted file is {ratio:.2f}x the fp32 file; the weights are too few "
+            f"to outweigh the Cast nodes it adds"
+        )
+
+
+def _ml_ops(model: onnx.ModelProto) -> set[str]:
+    return {node.op_type for node in model.graph.node if node.domain == ML_DOMAIN}
+
+
+def _check_io_kept(original: onnx.ModelProto, converted: onnx.ModelProto) -> None:
+    def signature(m: onnx.ModelProto) -> list[tuple[str, int]]:
+        values = [*graph_inputs(m.graph), *m.graph.output]
+        return [(v.name, v.type.tensor_type.elem_type) for v in values]
+
+    if signature(original) != signature(converted):
+        raise ConversionFailed("fp16 conversion changed the graph's input/output types")
+
+
+# --- int8 ----------------------------------------------------------------------------------
+
+
+class _ArrayReader(CalibrationDataReader):  # type: ignore[misc]
+    """Feeds ``rows`` to the calibrator in batches of CALIBRATION_BATCH."""
+
+    def __init__(self, input_name: str, rows: np.ndarray) -> None:
+        self._input_name = input_name
+        self._rows = rows
+        self._batches = self._iterate()
+
+    def _iterate(self) -> Iterator[dict[str, np.ndarray]]:
+        for start in range(0, len(self._rows), CALIBRATION_BATCH):
+            yield {self._input_name: self._rows[start : start + CALIBRATION_BATCH]}
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+    def rewind(self) -> None:
+        self._batches = self._iterate()
+
+
+def _check_calibration(model: onnx.ModelProto, calibration: np.ndarray) -> np.ndarray:
+    rows = np.asarray(calibration)
+    if rows.ndim != 2 or rows.shape[0] == 0 or not np.issubdtype(rows.dtype, np.number):
+        raise CalibrationDataError(
+            f"calibration must be a non-empty [N, F] array, got {rows.shape}"
+        )
+    width = graph_inputs(model.graph)[0].type.tensor_type.shape.dim[-1]
+    if width.HasField("dim_value") and width.dim_value != rows.shape[1]:
+        raise CalibrationDataError(
+            f"calibration has {rows.shape[1]} columns; the model takes {width.dim_value}"
+        )
+    if not np.all(np.isfinite(rows)):
+        raise CalibrationDataError("calibration rows contain NaN or infinity")
+    return np.ascontiguousarray(rows, dtype=np.float32)
+
+
+def _pre_process(model: onnx.ModelProto, source: Path, target: Path) -> str:
+    """onnxruntime's recommended pre-processing (shape inference + graph optimisation).
+
+    Symbolic shape inference stops at ai.onnx.ml ops ("Incomplete symbolic shape
+    inference", after dumping its partial model into the working directory), so graphs
+    with such ops get ONNX shape inference only; "none" when that fails too.
+    """
+    attempts = [(True, "onnx-shape-inference")]
+    if not _ml_ops(model):
+        attempts.insert(0, (False, "symbolic+onnx"))
+    for skip_symbolic, label in attempts:
+        try:
+            with _no_symbolic_dump():
+                quant_pre_process(str(source), str(target), skip_symbolic_shape=skip_symbolic)
+        except Exception:  # noqa: S112 - bare Exceptions on unknown ops; next fallback
+            continue
+        if target.exists():
+            return label
+    return "none"
+
+
+@contextmanager
+def _no_symbolic_dump() -> Iterator[None]:
+    """Remove the partial model onnxruntime's symbolic shape inference leaves in the cwd."""
+    dumps = [Path(SYMBOLIC_DUMP), Path(SYMBOLIC_DUMP + ".data")]
+    existed = {path for path in dumps if path.exists()}
+    try:
+        yield
+    finally:
+        for path in dumps:
+            if path not in existed:
+                path.unlink(missing_ok=True)
+
+
+def _quantize(source: Path, target: Path, calibration: np.ndarray | None) -> dict[str, object]:
+    # Types ONNX shape inference cannot give (ai.onnx.ml outputs) are float here.
+    extra_options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
+    try:
+        if calibration is None:
+            quantize_dynamic(
+                source,
+                target,
+                op_types_to_quantize=list(DYNAMIC_OPS),
+                weight_type=QuantType.QInt8,
+                per_channel=False,
+                extra_options=extra_options,
+            )
+            return {
+                "mode": "dynamic",
+                "op_types": "/".join(DYNAMIC_OPS),
+                "weight_type": "QInt8",
+                "activation_type": "QUInt8 (computed at run time)",
+                "per_channel": False,
+                "calibration_method": None,
+                "calibration_rows": 0,
+            }
+        input_name = graph_inputs(onnx.load_model(source).graph)[0].name
+        quantize_static(
+            source,
+            target,
+            _ArrayReader(input_name, calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(STATIC_OPS),
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=False,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options=extra_options,
+        )
+    except Exception as exc:  # onnxruntime.quantization raises bare Exceptions
+        raise ConversionFailed(f"onnxruntime quantization failed: {exc}") from exc
+    return {
+        "mode": "static-qdq",
+        "op_types": "/".join(STATIC_OPS),
+        "weight_type": "QInt8",
+        "activation_type": "QUInt8",
+        "per_channel": False,
+        "calibration_method": "MinMax",
+        "calibration_rows": len(calibration),
+    }
