@@ -139,10 +139,10 @@ def _target_variants(path: Path) -> list[str]:
     from edge_agent.errors import ConfigError
 
     try:
-        config = load_config(path)
+        config = load_config(path, provisioned=False)
     except ConfigError as exc:
         raise InputSpecError(f"--target {path}: {exc}") from exc
-    return list(config.variant_preference)
+    return list(config.variants)
 
 
 def _limit_mlflow_retries() -> None:

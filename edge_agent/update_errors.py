@@ -15,7 +15,12 @@
     ├── ChunkHashMismatch               "chunk_hash"          chunk bytes do not hash to the id
     ├── UnexpectedChunk                 "unexpected_chunk"    chunk not part of this file
     │   └── DuplicateChunk              "duplicate_chunk"     chunk already received
-    └── FileHashMismatch                "file_hash"           assembled file size/sha256 differ
+    ├── FileHashMismatch                "file_hash"           assembled file size/sha256 differ
+    ├── DownloadTimeout                 "download_timeout"    chunks missing at the deadline
+    ├── ModelLoadFailed                 "load_failed"         the runtime cannot load the model
+    ├── GoldenMismatch                  "golden_mismatch"     golden inputs give other outputs
+    └── InputsMismatch                  "schema_mismatch"     the model's inputs do not fit the
+                                                              configured field mapping
 
 ``code`` values are part of the event protocol (docs/protocol.md): never rename one.
 """
@@ -26,6 +31,10 @@ from edge_agent.errors import UpdateRejected
 
 __all__ = [
     "BadSignature",
+    "DownloadTimeout",
+    "GoldenMismatch",
+    "InputsMismatch",
+    "ModelLoadFailed",
     "ChunkHashMismatch",
     "DuplicateChunk",
     "FileHashMismatch",
@@ -130,3 +139,27 @@ class FileHashMismatch(UpdateRejected):
     """The assembled file's size or sha256 differs from the manifest."""
 
     code = "file_hash"
+
+
+class DownloadTimeout(UpdateRejected):
+    """Chunks were still missing when the update deadline passed."""
+
+    code = "download_timeout"
+
+
+class ModelLoadFailed(UpdateRejected):
+    """The runtime refused to load a verified model file."""
+
+    code = "load_failed"
+
+
+class GoldenMismatch(UpdateRejected):
+    """The golden inputs did not reproduce the golden outputs (a valid but bad model)."""
+
+    code = "golden_mismatch"
+
+
+class InputsMismatch(UpdateRejected):
+    """The model's inputs cannot be fed from this device's configured field mapping."""
+
+    code = "schema_mismatch"

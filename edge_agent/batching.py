@@ -1,0 +1,124 @@
+"""Micro-batching: rows that arrive together are run in one inference call.
+
+Per-message overhead (MQTT, JSON, a runtime call), not the model, sets the agent's
+throughput ceiling (field notes section 4), so rows are grouped. The latency rule:
+
+- at low load a row goes straight through: the worker takes what is queued *now* and
+  runs it, with no added wait;
+- only when more rows were already waiting (evidence of load) does it linger up to
+  ``window_ms`` to fill the batch, never past ``max_rows``.
+
+The queue is bounded: ``submit`` returns False when it is full (the caller counts an
+"overload" error) instead of growing memory without limit. Exceptions from ``run`` are
+logged and counted; the worker keeps going.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+__all__ = ["MicroBatcher", "collect"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def collect(
+    source: queue.Queue[T], first: T, *, max_rows: int, window_s: float,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[T]:
+    """A batch starting with ``first``: everything already queued (up to ``max_rows``),
+    then, only if that found company, more arrivals until ``window_s`` has passed."""
+    batch = [first]
+    while len(batch) < max_rows:
+        try:
+            batch.append(source.get_nowait())
+        except queue.Empty:
+            break
+    if len(batch) == 1 or window_s <= 0:
+        return batch  # low load: no added wait
+    deadline = clock() + window_s
+    while len(batch) < max_rows:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        try:
+            batch.append(source.get(timeout=remaining))
+        except queue.Empty:
+            break
+    return batch
+
+
+class MicroBatcher(Generic[T]):
+    """Feeds ``run(batch)`` from a bounded queue on one worker thread."""
+
+    def __init__(
+        self,
+        run: Callable[[list[T]], None],
+        *,
+        window_ms: float = 2.0,
+        max_rows: int = 64,
+        max_queue: int = 10_000,
+    ) -> None:
+        if max_rows < 1:
+            raise ValueError("max_rows must be at least 1")
+        self._run = run
+        self.window_s = window_ms / 1000.0
+        self.max_rows = max_rows
+        self._queue: queue.Queue[T] = queue.Queue(maxsize=max_queue)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.batches = 0
+        self.rows = 0
+        self.run_errors = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="micro-batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, item: T) -> bool:
+        """Queue one row; False if the queue is full (never blocks the MQTT thread)."""
+        try:
+            self._queue.put_nowait(item)
+        except queue.Full:
+            return False
+        return True
+
+    def submit_many(self, items: Sequence[T]) -> int:
+        """Queue rows in order; returns how many fit."""
+        for count, item in enumerate(items):
+            if not self.submit(item):
+                return count
+        return len(items)
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop after the rows already queued have been run (bounded by ``timeout``)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            batch = collect(self._queue, first, max_rows=self.max_rows, window_s=self.window_s)
+            try:
+                self._run(batch)
+            except Exception:
+                self.run_errors += 1
+                log.exception("micro-batch of %d rows failed", len(batch))
+            self.batches += 1
+            self.rows += len(batch)

@@ -1,0 +1,236 @@
+"""MqttLink against a real Mosquitto: acks with timeouts, reconnects, guarded callbacks,
+the retained offline will, persistent sessions and the loop watchdog."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.errors import BrokerError
+from edge_agent.mqtt import Backoff, LinkOptions, Message, MqttLink, parse_broker_url
+from tests.support.broker import MosquittoBroker
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+@pytest.fixture
+def links() -> Iterator[Callable[..., MqttLink]]:
+    made: list[MqttLink] = []
+
+    def make(url: str, client_id: str, **options: object) -> MqttLink:
+        link = MqttLink(LinkOptions(url=url, client_id=client_id, **options))  # type: ignore[arg-type]
+        made.append(link)
+        return link
+
+    yield make
+    for link in made:
+        link.stop(timeout=2.0)
+
+
+def collector(link: MqttLink, topic_filter: str) -> list[Message]:
+    got: list[Message] = []
+    link.subscribe(topic_filter, got.append)
+    return got
+
+
+def test_parse_broker_url() -> None:
+    assert parse_broker_url("mqtt://10.0.0.5:1883") == (False, "10.0.0.5", 1883)
+    assert parse_broker_url("mqtts://broker.plant") == (True, "broker.plant", 8883)
+    assert parse_broker_url("mqtts://[::1]:8884") == (True, "::1", 8884)
+    for bad in ("foo", "http://x:1", "mqtt://:1883", "mqtt://h:99999", "mqtt://h:1/x"):
+        with pytest.raises(ValueError):
+            parse_broker_url(bad)
+
+
+def test_backoff_grows_with_jitter_and_stays_bounded() -> None:
+    backoff = Backoff(0.5, 4.0)
+    delays = [backoff.next() for _ in range(10)]
+    assert 0.25 <= delays[0] <= 0.5
+    assert all(d <= 4.0 for d in delays)
+    assert max(delays[5:]) >= 2.0
+    backoff.reset()
+    assert backoff.next() <= 0.5
+
+
+def test_publish_qos1_is_acked_and_wait_has_a_timeout(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+    link = links(broker.url, "dev-ack")
+    link.start(wait=10)
+    sock = link._client.socket()
+    assert sock is not None
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # no Nagle delay
+    handle = link.publish("t/ack", b"hello", qos=1)
+    assert handle.wait(5.0)
+    # Freeze the broker: the PUBACK cannot come, the wait returns False in time.
+    os.kill(broker.pid, signal.SIGSTOP)  # type: ignore[arg-type]
+    try:
+        frozen = link.publish("t/ack", b"frozen", qos=1)
+        assert not frozen.wait(0.3)
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)  # type: ignore[arg-type]
+    assert frozen.wait(5.0)
+
+
+def test_publish_while_disconnected_raises_broker_error(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+    link = links(broker.url, "dev-offline")
+    with pytest.raises(BrokerError):
+        link.publish("t/x", b"x")
+    with pytest.raises(BrokerError):
+        links(broker.url, "dev-qos2").publish("t/x", b"x", qos=2)
+
+
+def test_refused_credentials_raise_broker_error(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+    broker.restart(passwords={"dev": "right"})
+    link = links(broker.url, "dev-auth", username="dev", password="wrong")
+    with pytest.raises(BrokerError, match=r"refused|cannot connect"):
+        link.start(wait=3)
+    good = links(broker.url, "dev-auth2", username="dev", password="right")
+    good.start(wait=10)
+    assert good.publish("t/x", b"x").wait(5)
+
+
+def test_reconnects_after_broker_restart(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+    link = links(broker.url, "dev-reconnect", backoff_initial=0.1, backoff_max=1.0)
+    got = collector(link, "t/back")
+    link.start(wait=10)
+    broker.restart()
+    assert wait_until(lambda: link.stats["connects"] >= 2 and link.connected, 15)
+    assert link.stats["disconnects"] >= 1
+    # The subscription was renewed on reconnect (the broker had no persistence).
+    assert link.publish("t/back", b"again").wait(5)
+    assert wait_until(lambda: [m.payload for m in got] == [b"again"], 5)
+
+
+def test_callback_exception_does_not_kill_the_loop(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+    link = links(broker.url, "dev-callbacks")
+    seen: list[bytes] = []
+
+    def flaky(message: Message) -> None:
+        seen.append(message.payload)
+        if message.payload == b"boom":
+            raise RuntimeError("handler bug")
+
+    link.subscribe("t/flaky", flaky)
+    link.start(wait=10)
+    first = link.publish("t/flaky", b"boom")
+    first.on_ack(lambda _h: 1 / 0)  # type: ignore[func-returns-value]
+    assert first.wait(5)
+    assert link.publish("t/flaky", b"fine").wait(5)
+    assert wait_until(lambda: seen == [b"boom", b"fine"], 5)
+    assert link.stats["handler_errors"] == 1
+    assert link.healthy()
+
+
+def test_watchdog_restarts_a_stalled_loop(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+    link = links(broker.url, "dev-stall", stall_timeout=0.5, watchdog_interval=0.1)
+    link.start(wait=10)
+    release = threading.Event()
+    real_loop = link._client.loop
+    stalled = threading.Event()
+
+    def stuck_once(timeout: float = 1.0):  # type: ignore[no-untyped-def]
+        if not stalled.is_set():
+            stalled.set()
+            release.wait(30)  # a network loop that stopped making progress
+        return real_loop(timeout)
+
+    link._client.loop = stuck_once  # type: ignore[method-assign]
+    try:
+        assert wait_until(lambda: link.stats["loop_restarts"] >= 1, 10)
+        assert link.publish("t/after-stall", b"x").wait(5)
+    finally:
+        release.set()
+
+
+_WILL_CHILD = textwrap.dedent(
+    """
+    import sys, time
+    from edge_agent.mqtt import LinkOptions, MqttLink
+    link = MqttLink(LinkOptions(url=sys.argv[1], client_id="dev-will",
+                                state_topic="lineside/devices/dev-will/state", keepalive=5))
+    link.start(wait=10)
+    print("ready", flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_will_shows_offline_when_the_process_is_killed(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+    watcher = links(broker.url, "watcher")
+    states = collector(watcher, "lineside/devices/+/state")
+    watcher.start(wait=10)
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WILL_CHILD, broker.url],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == b"ready"
+        assert wait_until(lambda: any(json.loads(m.payload)["online"] for m in states), 10)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait(10)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait(10)
+    assert wait_until(lambda: not json.loads(states[-1].payload)["online"], 10)
+    # Retained: a newcomer sees the device offline too.
+    late = links(broker.url, "late-watcher")
+    late_states = collector(late, "lineside/devices/dev-will/state")
+    late.start(wait=10)
+    assert wait_until(lambda: bool(late_states), 5)
+    assert late_states[0].retain and json.loads(late_states[0].payload)["online"] is False
+
+
+def test_persistent_session_receives_qos1_sent_while_offline(
+    broker: MosquittoBroker,
+    links,  # type: ignore[no-untyped-def]
+) -> None:
+    first = links(broker.url, "dev-session")
+    collector(first, "cmd/dev-session")
+    first.start(wait=10)
+    first.stop()
+    sender = links(broker.url, "sender")
+    sender.start(wait=10)
+    for i in range(5):
+        assert sender.publish("cmd/dev-session", f"m{i}".encode(), qos=1).wait(5)
+    again = links(broker.url, "dev-session")
+    got = collector(again, "cmd/dev-session")
+    again.start(wait=10)
+    assert wait_until(lambda: len(got) >= 5, 10)
+    assert [m.payload for m in got] == [f"m{i}".encode() for i in range(5)]
+
+
+def test_tls_with_client_certificate(tmp_path: Path, links) -> None:  # type: ignore[no-untyped-def]
+    from tests.support.broker import running_broker
+
+    with running_broker(tmp_path / "tls", tls=True, require_certificate=True) as tls_broker:
+        assert tls_broker.tls_files is not None
+        cert, key = tls_broker.tls_files.client_pair("dev-tls")
+        link = links(tls_broker.url, "dev-tls", ca=tls_broker.tls_files.ca_cert, cert=cert, key=key)
+        link.start(wait=10)
+        assert link.publish("t/tls", b"x").wait(5)
+        no_cert = links(tls_broker.url, "dev-nocert", ca=tls_broker.tls_files.ca_cert)
+        with pytest.raises(BrokerError):
+            no_cert.start(wait=2)
