@@ -76,13 +76,14 @@ class OnnxSession:
 
 
 def _tflite_interpreter_class() -> Any:
-    # ai-edge-litert is the maintained runtime; tflite-runtime is the 2023 fallback.
-    for module in ("ai_edge_litert.interpreter", "tflite_runtime.interpreter"):
-        try:
-            return importlib.import_module(module).Interpreter
-        except ImportError:
-            continue
-    raise RuntimeLoadError("no TFLite runtime installed: pip install 'lineside[agent-tflite]'")
+    # Only ai-edge-litert: tflite-runtime 2.14 (2023) fails under numpy 2 and rejects current
+    # TensorFlow's op versions (docs/adr/0003-tflite-runtime.md).
+    try:
+        return importlib.import_module("ai_edge_litert.interpreter").Interpreter
+    except ImportError:
+        raise RuntimeLoadError(
+            "no TFLite runtime installed: pip install 'lineside[agent-tflite]' (ai-edge-litert)"
+        ) from None
 
 
 class TfliteSession:
