@@ -1,0 +1,714 @@
+"""TFLite variants: scikit-learn pipelines rebuilt as dense TF ops, and Keras models.
+
+LiteRT has no tree, SVM or ONNX-ML ops, so scikit-learn models are not "exported": their
+fitted parameters are read into a small plan of dense layers (pure numpy, float64), adjacent
+affine maps are folded together, and the plan is emitted as TF ops inside a ``tf.Module``.
+TF's converter then writes one SignatureDef ``serving_default`` with the input ``X``
+(float32 ``[N, F]``) and the canonical outputs of ``converter.reference``.
+
+    rebuilt        StandardScaler, MinMaxScaler, RobustScaler, PCA (pipeline steps);
+                   LogisticRegression, LinearRegression, Ridge, Lasso, ElasticNet,
+                   MLPClassifier, MLPRegressor, KMeans (final step)
+    variants       tflite-fp32, tflite-fp16 (fp16 weights, float32 I/O),
+                   tflite-int8 (full integer, calibrated on the representative rows,
+                   float32 input and float outputs; ``label`` stays int64)
+
+Errors: a model this builder cannot express as TFLite (trees, SVMs, neighbours, other steps)
+raises ``VariantNotApplicable`` (its ONNX variants may still apply); a model that breaks
+the contract or the runtime itself (multilabel outputs, a Keras model with two inputs or
+an op with no TFLite builtin kernel, an unfitted model, TensorFlow missing) raises
+``UnsupportedModelError``; TF's converter failing otherwise raises ``ConversionFailed``
+(with the tail of TF's native log). TensorFlow is imported lazily: this module imports
+without it.
+
+int8 caveats, measured (see tests/test_tflite_build.py): full-integer quantization gives
+the raw input ``X`` one scale for all features, so features on very different scales lose
+resolution before any scaler runs; and every output channel carries float32 scales and
+int64 zero points, so small or narrow models shrink far less than 4x (tiny linear models
+even grow). The parity gate, not this module, decides whether a variant ships.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from converter.errors import (
+    CalibrationDataError,
+    ConversionFailed,
+    InputSpecError,
+    UnsupportedModelError,
+    VariantNotApplicable,
+)
+from converter.reference import final_estimator, output_specs, task_of
+
+TFLITE_VARIANTS = ("tflite-fp32", "tflite-fp16", "tflite-int8")
+INPUT_NAME = "X"
+MAX_REPRESENTATIVE_ROWS = 500  # TF's guidance: 100-500 rows calibrate the ranges
+
+TRANSFORMERS = ("StandardScaler", "MinMaxScaler", "RobustScaler", "PCA")
+ESTIMATORS = (
+    "LogisticRegression",
+    "LinearRegression",
+    "Ridge",
+    "Lasso",
+    "ElasticNet",
+    "MLPClassifier",
+    "MLPRegressor",
+    "KMeans",
+)
+KERAS_MODELS = ("Sequential", "Functional")
+
+_ONNX_HINT = "; use an onnx-* variant"
+_TREES = (
+    *("DecisionTreeClassifier", "DecisionTreeRegressor", "ExtraTreeClassifier"),
+    *("ExtraTreeRegressor", "RandomForestClassifier", "RandomForestRegressor"),
+    *("ExtraTreesClassifier", "ExtraTreesRegressor", "GradientBoostingClassifier"),
+    *("GradientBoostingRegressor", "HistGradientBoostingClassifier"),
+    *("HistGradientBoostingRegressor", "AdaBoostClassifier", "AdaBoostRegressor"),
+    *("XGBClassifier", "XGBRegressor", "LGBMClassifier", "LGBMRegressor"),
+    *("CatBoostClassifier", "CatBoostRegressor"),
+)
+_KERNEL_SVMS = ("SVC", "SVR", "NuSVC", "NuSVR", "OneClassSVM")
+_NEIGHBOURS = (
+    "LocalOutlierFactor",
+    "KNeighborsClassifier",
+    "KNeighborsRegressor",
+    "RadiusNeighborsClassifier",
+    "RadiusNeighborsRegressor",
+    "NearestNeighbors",
+)
+_REASONS: dict[str, str] = {
+    **dict.fromkeys(
+        _TREES,
+        "tree ensembles have no TFLite op (LiteRT has no tree-ensemble kernel and lineside "
+        "does not unroll trees into dense ops)" + _ONNX_HINT,
+    ),
+    "IsolationForest": (
+        "IsolationForest is a tree ensemble (path lengths through random trees) and LiteRT "
+        "has no tree op" + _ONNX_HINT
+    ),
+    **dict.fromkeys(
+        _KERNEL_SVMS,
+        "kernel SVMs have no TFLite op (LiteRT has no SVM kernel and lineside does not "
+        "rebuild the kernel expansion over the support vectors)" + _ONNX_HINT,
+    ),
+    **dict.fromkeys(
+        _NEIGHBOURS,
+        "neighbour search over the stored training set has no TFLite op, and the model "
+        "would grow with the training data" + _ONNX_HINT,
+    ),
+}
+
+
+# --- capability matrix ---------------------------------------------------------------
+
+
+def unsupported_reason(estimator_class_name: str, variant: str) -> str | None:
+    """Why ``variant`` cannot be built for ``estimator_class_name``; None when it can.
+
+    Scalers and PCA are supported as pipeline steps in front of a supported final
+    estimator; ``Sequential``/``Functional`` are Keras models with one 2-D input.
+    """
+    if variant not in TFLITE_VARIANTS:
+        return f"{variant} is not a TFLite variant ({', '.join(TFLITE_VARIANTS)})"
+    name = estimator_class_name
+    if name in TRANSFORMERS or name in ESTIMATORS or name in KERAS_MODELS:
+        return None
+    if name in _REASONS:
+        return _REASONS[name]
+    return (
+        f"{name} is not rebuilt as TF ops by lineside (TFLite covers "
+        f"{', '.join(TRANSFORMERS + ESTIMATORS)} and Keras models)" + _ONNX_HINT
+    )
+
+
+# --- the plan: fitted parameters as dense layers (pure numpy) ------------------------
+
+
+@dataclass(frozen=True)
+class Affine:
+    """y = x @ kernel + bias, float64 until emitted."""
+
+    kernel: np.ndarray  # [F_in, F_out]
+    bias: np.ndarray  # [F_out]
+
+    def then(self, other: Affine) -> Affine:
+        """The composition (self, then other) as one affine map, folded in float64."""
+        return Affine(self.kernel @ other.kernel, self.bias @ other.kernel + other.bias)
+
+
+@dataclass(frozen=True)
+class Clip:
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Activation:
+    name: str  # relu, tanh, logistic, exp (identity is never planned)
+
+
+Layer = Affine | Clip | Activation
+
+
+@dataclass(frozen=True)
+class Head:
+    """How the last layer's output becomes the canonical outputs.
+
+    kind: ``softmax`` (multiclass probabilities from logits), ``ovr`` (expit of each
+    logit, normalized to sum 1), ``logistic`` (binary: one logit, probabilities
+    [1 - p, p]), ``regression`` (``prediction``), ``cluster``
+    (``distances`` to ``centers``, label = nearest).
+    """
+
+    kind: str
+    n_targets: int = 1
+    centers: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_features: int
+    layers: tuple[Layer, ...]
+    head: Head
+
+
+def plan_for(model: Any, n_features: int) -> Plan:
+    """Read a fitted estimator or Pipeline into a Plan; raise when it cannot be rebuilt."""
+    steps = _flatten_steps(model)
+    *transformers, estimator = steps
+    # The final estimator first: its reason ("tree ensembles...") is the one that matters.
+    estimator_layers, head = _estimator_layers(model, estimator)
+    layers: list[Layer] = []
+    for step in transformers:
+        layers += _transformer_layers(step)
+    layers += estimator_layers
+    _check_n_features(steps[0], n_features)
+    return Plan(n_features, tuple(_fold_affines(layers)), head)
+
+
+def _flatten_steps(model: Any) -> list[Any]:
+    steps = getattr(model, "steps", None)
+    if not steps:
+        return [model]
+    flat: list[Any] = []
+    for _, step in steps:
+        if step is None or step == "passthrough":
+            continue  # scikit-learn's way of disabling a step
+        flat += _flatten_steps(step)
+    if not flat:
+        raise UnsupportedModelError("the Pipeline has no active steps")
+    return flat
+
+
+def _check_fitted(step: Any) -> None:
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    try:
+        check_is_fitted(step)
+    except NotFittedError as exc:
+        raise UnsupportedModelError(f"{type(step).__name__} is not fitted") from exc
+
+
+def _check_n_features(first_step: Any, n_features: int) -> None:
+    expected = getattr(first_step, "n_features_in_", None)
+    if expected is not None and int(expected) != n_features:
+        raise InputSpecError(
+            f"the model was fitted on {expected} features; the signature gives {n_features}"
+        )
+
+
+def _not_rebuilt(step: Any) -> VariantNotApplicable:
+    name = type(step).__name__
+    if name in ESTIMATORS:
+        return VariantNotApplicable(f"{name} is rebuilt only as the last step of a Pipeline")
+    if name in TRANSFORMERS:
+        return VariantNotApplicable(f"{name} is rebuilt only as a step before an estimator")
+    reason = unsupported_reason(name, TFLITE_VARIANTS[0])
+    return VariantNotApplicable(reason or f"{name} cannot be rebuilt as TF ops")
+
+
+def _transformer_layers(step: Any) -> list[Layer]:
+    name = type(step).__name__
+    if name in TRANSFORMERS:
+        _check_fitted(step)
+    # The flags decide, not the attributes: StandardScaler(with_mean=False) still sets
+    # mean_ but does not subtract it.
+    if name == "StandardScaler":
+        return _shift_scale(_if(step.with_mean, step.mean_), _if(step.with_std, step.scale_))
+    if name == "RobustScaler":
+        center = _if(step.with_centering, step.center_)
+        return _shift_scale(center, _if(step.with_scaling, step.scale_))
+    if name == "MinMaxScaler":
+        scale = np.asarray(step.scale_, dtype=np.float64)
+        layers: list[Layer] = [Affine(np.diag(scale), np.asarray(step.min_, dtype=np.float64))]
+        if step.clip:
+            low, high = step.feature_range
+            layers.append(Clip(float(low), float(high)))
+        return layers
+    if name == "PCA":
+        return [_pca_affine(step)]
+    raise _not_rebuilt(step)
+
+
+def _if(flag: bool, value: np.ndarray | None) -> np.ndarray | None:
+    return value if flag else None
+
+
+def _shift_scale(center: np.ndarray | None, scale: np.ndarray | None) -> list[Layer]:
+    """(x - center) / scale; either may be None (with_mean/with_centering=False...)."""
+    reference = center if center is not None else scale
+    if reference is None:
+        return []  # neither centers nor scales: the identity
+    n = len(reference)
+    center64 = np.zeros(n) if center is None else np.asarray(center, dtype=np.float64)
+    inverse = np.ones(n) if scale is None else 1.0 / np.asarray(scale, dtype=np.float64)
+    return [Affine(np.diag(inverse), -center64 * inverse)]
+
+
+def _pca_affine(pca: Any) -> Affine:
+    components = np.asarray(pca.components_, dtype=np.float64).T  # [F, K]
+    bias = -np.asarray(pca.mean_, dtype=np.float64) @ components
+    if pca.whiten:
+        # As scikit-learn: variance floored at eps so rank-deficient fits stay finite.
+        scale = np.sqrt(np.asarray(pca.explained_variance_, dtype=np.float64))
+        scale = np.maximum(scale, np.finfo(scale.dtype).eps)
+        return Affine(components / scale, bias / scale)
+    return Affine(components, bias)
+
+
+def _estimator_layers(model: Any, est: Any) -> tuple[list[Layer], Head]:
+    name = type(est).__name__
+    if name not in ESTIMATORS:
+        raise _not_rebuilt(est)
+    _check_fitted(est)
+    if name.startswith("MLP"):
+        return _mlp_layers(model, est)
+    if name == "KMeans":
+        return [], Head("cluster", centers=np.asarray(est.cluster_centers_, dtype=np.float64))
+    return _linear_layers(model, est)
+
+
+def _linear_layers(model: Any, est: Any) -> tuple[list[Layer], Head]:
+    coef = np.atleast_2d(np.asarray(est.coef_, dtype=np.float64))  # [T or C, F]
+    intercept = np.broadcast_to(np.asarray(est.intercept_, dtype=np.float64), coef.shape[:1])
+    layers: list[Layer] = [Affine(coef.T, np.array(intercept))]
+    if task_of(model) == "regressor":
+        return layers, Head("regression", n_targets=_n_targets(model))
+    # LogisticRegression: binary is expit of one decision value, multiclass is softmax.
+    return layers, Head("logistic" if coef.shape[0] == 1 else _multiclass_kind(est))
+
+
+def _multiclass_kind(est: Any) -> str:
+    """softmax, or ovr for models fitted one-vs-rest (multi_class="ovr", or liblinear
+    before scikit-learn 1.8). Which one is asked of the model itself, on probe rows: the
+    rules moved between scikit-learn versions, the probabilities did not."""
+    probe = np.random.default_rng(0).normal(size=(16, est.coef_.shape[1]))
+    decision = np.asarray(est.decision_function(probe), dtype=np.float64)
+    proba = np.asarray(est.predict_proba(probe), dtype=np.float64)
+    exp = np.exp(decision - decision.max(axis=1, keepdims=True))
+    if np.allclose(proba, exp / exp.sum(axis=1, keepdims=True), atol=1e-6):
+        return "softmax"
+    expit = 1.0 / (1.0 + np.exp(-decision))
+    if np.allclose(proba, expit / expit.sum(axis=1, keepdims=True), atol=1e-6):
+        return "ovr"
+    raise UnsupportedModelError(
+        f"{type(est).__name__}.predict_proba is neither softmax nor one-vs-rest normalized"
+    )
+
+
+def _n_targets(model: Any) -> int:
+    shape = output_specs(model)[0].shape
+    return 1 if len(shape) == 1 else shape[1]
+
+
+def _mlp_layers(model: Any, est: Any) -> tuple[list[Layer], Head]:
+    hidden = str(est.activation)
+    out = str(est.out_activation_)
+    layers: list[Layer] = []
+    for i, (kernel, bias) in enumerate(zip(est.coefs_, est.intercepts_, strict=True)):
+        layers.append(Affine(np.asarray(kernel, np.float64), np.asarray(bias, np.float64)))
+        if i < len(est.coefs_) - 1 and hidden != "identity":
+            layers.append(Activation(hidden))
+    if task_of(model) == "regressor":
+        if out != "identity":  # "exp" for loss="poisson"
+            layers.append(Activation(out))
+        return layers, Head("regression", n_targets=_n_targets(model))
+    if out == "softmax":
+        return layers, Head("softmax")
+    if out == "logistic" and int(est.n_outputs_) == 1:
+        return layers, Head("logistic")
+    raise UnsupportedModelError(
+        "a multilabel MLPClassifier has several labels per row; the contract has one"
+    )
+
+
+def _fold_affines(layers: Sequence[Layer]) -> list[Layer]:
+    # Scaler -> PCA -> linear collapse into one matrix: fewer ops, and int8 quantizes
+    # once instead of at every intermediate tensor.
+    folded: list[Layer] = []
+    for layer in layers:
+        if isinstance(layer, Affine) and folded and isinstance(folded[-1], Affine):
+            folded[-1] = folded[-1].then(layer)
+        else:
+            folded.append(layer)
+    return folded
+
+
+# --- emitting TF ops -----------------------------------------------------------------
+
+
+def _emit_layers(tf: Any, x: Any, layers: Sequence[Layer]) -> Any:
+    for layer in layers:
+        if isinstance(layer, Affine):
+            kernel = tf.constant(layer.kernel, dtype=tf.float32)
+            x = tf.matmul(x, kernel) + tf.constant(layer.bias, dtype=tf.float32)
+        elif isinstance(layer, Clip):
+            x = tf.clip_by_value(x, layer.low, layer.high)
+        else:
+            x = _ACTIVATIONS[layer.name](tf, x)
+    return x
+
+
+_ACTIVATIONS: dict[str, Callable[[Any, Any], Any]] = {
+    "relu": lambda tf, x: tf.nn.relu(x),
+    "tanh": lambda tf, x: tf.tanh(x),
+    "logistic": lambda tf, x: tf.sigmoid(x),
+    "exp": lambda tf, x: tf.exp(x),
+}
+
+
+def _emit_head(tf: Any, z: Any, head: Head) -> dict[str, Any]:
+    if head.kind == "regression":
+        return {"prediction": tf.reshape(z, [-1]) if head.n_targets == 1 else z}
+    if head.kind == "logistic":
+        p = tf.sigmoid(z)
+        # The label from the decision value, as scikit-learn (decision > 0): exact, and
+        # no ties from a saturated or quantized probability.
+        label = tf.cast(tf.reshape(z, [-1]) > 0.0, tf.int64)
+        return {"label": label, "probabilities": tf.concat([1.0 - p, p], axis=1)}
+    if head.kind in ("softmax", "ovr"):
+        # argmax on logits (as scikit-learn's predict), not on quantized probabilities.
+        label = tf.argmax(z, axis=1, output_type=tf.int64)
+        return {"label": label, "probabilities": _multiclass_probabilities(tf, z, head.kind)}
+    return _emit_cluster(tf, z, head)
+
+
+def _multiclass_probabilities(tf: Any, z: Any, kind: str) -> Any:
+    if kind == "softmax":
+        return tf.nn.softmax(z, axis=1)
+    p = tf.sigmoid(z)
+    return p / tf.reduce_sum(p, axis=1, keepdims=True)
+
+
+def _emit_cluster(tf: Any, x: Any, head: Head) -> dict[str, Any]:
+    centers64 = np.asarray(head.centers, dtype=np.float64)
+    # Broadcast difference rather than |x|^2 - 2xc + |c|^2: no cancellation in float32.
+    centers = tf.constant(centers64, dtype=tf.float32)[tf.newaxis, :, :]
+    squared = tf.reduce_sum(tf.math.squared_difference(x[:, tf.newaxis, :], centers), axis=-1)
+    # The nearest center maximizes x.c - |c|^2 / 2 (|x|^2 is common to all), an affine
+    # map: one dense op, which int8 quantizes better than summed squared differences.
+    kernel = tf.constant(centers64.T, dtype=tf.float32)
+    bias = tf.constant(-0.5 * np.sum(centers64**2, axis=1), dtype=tf.float32)
+    scores = tf.matmul(x, kernel) + bias
+    return {
+        "label": tf.argmax(scores, axis=1, output_type=tf.int64),
+        "distances": tf.sqrt(squared),
+    }
+
+
+def _plan_forward(tf: Any, plan: Plan) -> Callable[[Any], dict[str, Any]]:
+    def forward(x: Any) -> dict[str, Any]:
+        return _emit_head(tf, _emit_layers(tf, x, plan.layers), plan.head)
+
+    return forward
+
+
+# --- public builders -----------------------------------------------------------------
+
+
+def sklearn_to_tflite(
+    model: Any, n_features: int, variant: str, representative: np.ndarray
+) -> bytes:
+    """Rebuild a fitted scikit-learn estimator/Pipeline as TF ops and convert it.
+
+    ``representative``: float rows ``[M, n_features]`` drawn like the training data; only
+    ``tflite-int8`` uses them (at most 500, evenly spaced, calibrate the quantizer).
+    """
+    _check_variant(variant)
+    try:
+        task_of(model)
+    except ValueError as exc:
+        raise UnsupportedModelError(f"{type(final_estimator(model)).__name__}: {exc}") from exc
+    plan = plan_for(model, n_features)
+    tf = _import_tensorflow()
+    return _convert(tf, plan.n_features, _plan_forward(tf, plan), variant, representative)
+
+
+def keras_to_tflite(
+    model: Any, variant: str, representative: np.ndarray, *, task: str | None = None
+) -> bytes:
+    """Convert a Keras 3 model (TensorFlow backend) with one 2-D float input.
+
+    Outputs follow the contract. The task is inferred from the last layer unless ``task``
+    ("classifier" or "regressor") says otherwise:
+
+    - softmax output ``[N, C]`` -> classifier: ``probabilities`` as is, ``label`` = argmax;
+    - one sigmoid unit compiled with a binary cross-entropy loss -> binary classifier:
+      ``probabilities`` = [1 - p, p], ``label`` = p > 0.5;
+    - anything else -> regressor: ``prediction`` ``[N]`` (one unit) or ``[N, T]``.
+
+    With ``task="classifier"`` a linear output is taken as logits (softmax, or sigmoid
+    for one unit). Only ``tflite-int8`` uses ``representative``.
+    """
+    _check_variant(variant)
+    tf = _import_tensorflow()
+    _check_keras_model(model)
+    n_features = _keras_n_features(model, representative)
+    probe = np.asarray(model(np.zeros((2, n_features), np.float32), training=False))
+    if probe.ndim not in (1, 2):
+        raise UnsupportedModelError(f"the Keras model outputs shape {probe.shape}; expected [N, K]")
+    n_outputs = 1 if probe.ndim == 1 else int(probe.shape[1])
+    kind = _keras_head(model, n_outputs, task)
+
+    def forward(x: Any) -> dict[str, Any]:
+        y = tf.reshape(model(x, training=False), [-1, n_outputs])
+        return _keras_outputs(tf, y, kind)
+
+    # Keras 3 variables are not tf.Variables; the converter freezes only what it can
+    # track, so hand it the backing tf.Variables (else LiteRT reads uninitialized ones).
+    tracked = [v.value for v in model.variables]
+    return _convert(tf, n_features, forward, variant, representative, tracked=tracked)
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in TFLITE_VARIANTS:
+        raise ValueError(f"{variant!r} is not a TFLite variant ({', '.join(TFLITE_VARIANTS)})")
+
+
+def _check_keras_model(model: Any) -> None:
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise UnsupportedModelError(f"{type(model).__name__} is not a Keras model")
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        raise UnsupportedModelError(
+            f"the Keras model runs on the {backend} backend; TFLite conversion needs "
+            "KERAS_BACKEND=tensorflow"
+        )
+
+
+def _keras_n_features(model: Any, representative: np.ndarray) -> int:
+    inputs = getattr(model, "inputs", None)
+    if inputs is None:  # a subclassed model: the rows say how wide the input is
+        return int(np.shape(representative)[1])
+    if len(inputs) != 1:
+        raise UnsupportedModelError(f"the Keras model has {len(inputs)} inputs; lineside feeds one")
+    shape = tuple(inputs[0].shape)
+    if len(shape) != 2 or not isinstance(shape[1], int):
+        raise UnsupportedModelError(f"the Keras input is {shape}; lineside feeds [N, F]")
+    return int(shape[1])
+
+
+def _keras_head(model: Any, n_outputs: int, task: str | None) -> str:
+    """softmax, sigmoid (probabilities already), logits, logit (one unit) or regression."""
+    if task not in (None, "classifier", "regressor"):
+        raise ValueError(f"task must be 'classifier' or 'regressor', not {task!r}")
+    activation = _last_activation(model)
+    if task == "regressor":
+        return "regression"
+    if activation == "softmax" and n_outputs > 1:
+        return "softmax"
+    if activation == "sigmoid" and n_outputs == 1 and (task == "classifier" or _binary_loss(model)):
+        return "sigmoid"
+    if task == "classifier":
+        return "logits" if n_outputs > 1 else "logit"
+    return "regression"
+
+
+def _last_activation(model: Any) -> str | None:
+    layers = getattr(model, "layers", None)
+    if not layers:
+        return None
+    layer = layers[-1]
+    if type(layer).__name__ == "Softmax":
+        return "softmax"
+    return getattr(getattr(layer, "activation", None), "__name__", None)
+
+
+def _binary_loss(model: Any) -> bool:
+    loss = getattr(model, "loss", None)
+    name = loss if isinstance(loss, str) else getattr(loss, "name", type(loss).__name__)
+    return "binary" in str(name).lower()
+
+
+def _keras_outputs(tf: Any, y: Any, kind: str) -> dict[str, Any]:
+    if kind == "regression":
+        return {"prediction": tf.reshape(y, [-1]) if y.shape[1] == 1 else y}
+    if kind == "logits":
+        y, kind = tf.nn.softmax(y, axis=1), "softmax"
+    if kind == "logit":
+        y, kind = tf.sigmoid(y), "sigmoid"
+    if kind == "sigmoid":
+        label = tf.cast(tf.reshape(y, [-1]) > 0.5, tf.int64)
+        return {"label": label, "probabilities": tf.concat([1.0 - y, y], axis=1)}
+    return {"label": tf.argmax(y, axis=1, output_type=tf.int64), "probabilities": y}
+
+
+# --- TensorFlow: import, quiet, convert ----------------------------------------------
+
+
+def _import_tensorflow() -> Any:
+    try:
+        with _quiet_tensorflow():
+            import tensorflow as tf
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            "TFLite conversion needs TensorFlow: pip install 'lineside[tflite]'"
+        ) from exc
+    return tf
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow() -> Iterator[list[str]]:
+    """Hold TF's log noise (oneDNN notices, calibrator chatter) for the duration.
+
+    TF's C++ side writes straight to file descriptor 2, so that is captured here and the
+    text handed back (``ConversionFailed`` quotes its tail); no environment variable is
+    changed. Nothing is captured when the user set ``TF_CPP_MIN_LOG_LEVEL``: they chose
+    what to see. The ``tensorflow`` and ``absl`` Python loggers get their levels back.
+    """
+    captured: list[str] = []
+    loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        if "TF_CPP_MIN_LOG_LEVEL" in os.environ:
+            yield captured
+        else:
+            with _capture_fd2(captured):
+                yield captured
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _capture_fd2(captured: list[str]) -> Iterator[None]:
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to hush
+        yield
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.append(sink.read().decode("utf-8", "replace"))
+
+
+def _convert(
+    tf: Any,
+    n_features: int,
+    forward: Callable[[Any], dict[str, Any]],
+    variant: str,
+    representative: np.ndarray,
+    *,
+    tracked: Sequence[Any] = (),
+) -> bytes:
+    rows = (
+        _representative_rows(representative, n_features)
+        if variant == "tflite-int8"
+        else np.empty((0, n_features), np.float32)
+    )
+    module = tf.Module()
+    module.tracked = list(tracked)
+    spec = tf.TensorSpec([None, n_features], tf.float32, name=INPUT_NAME)
+    module.serving_default = tf.function(forward, input_signature=[spec], autograph=False)
+    with _quiet_tensorflow() as captured:
+        try:
+            function = module.serving_default.get_concrete_function()
+            converter = tf.lite.TFLiteConverter.from_concrete_functions([function], module)
+            _configure(tf, converter, variant, rows)
+            data = bytes(converter.convert())
+        except Exception as exc:  # TF raises ConverterError, ValueError, RuntimeError...
+            missing = _ops_without_kernel(str(exc))
+            if missing:
+                raise UnsupportedModelError(
+                    f"the model uses {', '.join(missing)}, which has no TFLite builtin op "
+                    "(lineside does not ship TF Select/Flex ops to devices)"
+                ) from exc
+            raise ConversionFailed(_failure_text(variant, exc, captured)) from exc
+    _check_frozen(data, variant)
+    return data
+
+
+def _configure(tf: Any, converter: Any, variant: str, rows: np.ndarray) -> None:
+    if variant == "tflite-fp32":
+        return
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if variant == "tflite-fp16":
+        converter.target_spec.supported_types = [tf.float16]
+        return
+    converter.representative_dataset = lambda: ([row[np.newaxis, :]] for row in rows)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.float32
+    converter.inference_output_type = tf.float32
+
+
+def _representative_rows(representative: np.ndarray | None, n_features: int) -> np.ndarray:
+    if representative is None or len(representative) == 0:
+        raise CalibrationDataError("tflite-int8 needs representative rows to calibrate on")
+    rows = np.asarray(representative, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[1] != n_features:
+        raise CalibrationDataError(
+            f"representative rows have shape {rows.shape}; the model takes [M, {n_features}]"
+        )
+    if not np.isfinite(rows).all():
+        raise CalibrationDataError("representative rows contain NaN or infinity")
+    if len(rows) > MAX_REPRESENTATIVE_ROWS:
+        rows = rows[np.linspace(0, len(rows) - 1, MAX_REPRESENTATIVE_ROWS).astype(int)]
+    return np.ascontiguousarray(rows)
+
+
+def _ops_without_kernel(message: str) -> list[str]:
+    # TF's wording: "'tf.Erf' op is neither a custom op nor a flex op".
+    found = re.findall(r"'([\w.]+)' op is neither a custom op nor a flex op", message)
+    return sorted(set(found))
+
+
+def _failure_text(variant: str, exc: Exception, captured: list[str]) -> str:
+    native = "".join(captured).strip().splitlines()[-5:]
+    detail = f" (TF log: {' | '.join(native)})" if native else ""
+    first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return f"TF's converter failed on {variant}: {first_line}{detail}"
+
+
+def _check_frozen(data: bytes, variant: str) -> None:
+    # An untracked variable converts "fine" and then reads as zeros in LiteRT.
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        return  # no LiteRT here: the parity gate still catches wrong outputs
+    details = getattr(Interpreter(model_content=data), "_get_ops_details", None)
+    if details is None:
+        return  # a LiteRT without the listing: the parity gate still catches it
+    ops = {op["op_name"] for op in details()}
+    if ops & {"VAR_HANDLE", "READ_VARIABLE", "ASSIGN_VARIABLE"}:
+        raise ConversionFailed(f"{variant} kept resource variables instead of constants")

@@ -1,0 +1,546 @@
+"""TFLite variants: real TF converter, real LiteRT interpreter, parity with scikit-learn.
+
+Every supported estimator/pipeline is converted to tflite-fp32/fp16/int8, run through
+``edge_agent.runtime.load_session`` (what the parity gate and the device use) on held-out
+rows drawn like the training rows, and compared with ``converter.reference``.
+Models are fitted once per module; a conversion takes ~0.1 s, TF's import a few seconds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+# find_spec, not importorskip: the builder imports TensorFlow itself (and hushes it).
+if find_spec("tensorflow") is None or find_spec("ai_edge_litert") is None:
+    pytest.skip("needs tensorflow and ai-edge-litert", allow_module_level=True)
+
+from sklearn.cluster import KMeans
+from sklearn.datasets import make_blobs, make_classification, make_regression
+from sklearn.decomposition import PCA
+from sklearn.ensemble import IsolationForest, RandomForestClassifier
+from sklearn.linear_model import ElasticNet, Lasso, LinearRegression, LogisticRegression, Ridge
+from sklearn.naive_bayes import GaussianNB
+from sklearn.neighbors import LocalOutlierFactor
+from sklearn.neural_network import MLPClassifier, MLPRegressor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
+from sklearn.svm import SVC
+
+from converter.errors import (
+    CalibrationDataError,
+    InputSpecError,
+    UnsupportedModelError,
+    VariantNotApplicable,
+)
+from converter.reference import reference_outputs
+from converter.tflite_build import (
+    TFLITE_VARIANTS,
+    keras_to_tflite,
+    sklearn_to_tflite,
+    unsupported_reason,
+)
+from edge_agent.runtime import load_session
+
+pytestmark = pytest.mark.tflite
+
+N_FEATURES = 8
+N_TRAIN = 1500
+N_HELD_OUT = 2000
+N_REPRESENTATIVE = 500
+
+
+@dataclass
+class Case:
+    model: Any
+    train: np.ndarray
+    held_out: np.ndarray
+
+
+def _split(rows: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, Any]:
+    return rows[:N_TRAIN], rows[N_TRAIN:], None if y is None else y[:N_TRAIN]
+
+
+def _classification(n_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    X, y = make_classification(
+        N_TRAIN + N_HELD_OUT,
+        n_features=N_FEATURES,
+        n_informative=5,
+        n_redundant=1,
+        n_classes=n_classes,
+        random_state=seed,
+    )
+    return _split(X, y)
+
+
+def _regression(n_targets: int, seed: int) -> tuple[np.ndarray, np.ndarray, Any]:
+    X, y = make_regression(
+        N_TRAIN + N_HELD_OUT,
+        n_features=N_FEATURES,
+        n_informative=6,
+        n_targets=n_targets,
+        noise=5.0,
+        random_state=seed,
+    )
+    return _split(X, y)
+
+
+def _fit(pipeline: Any, data: tuple[np.ndarray, np.ndarray, Any]) -> Case:
+    train, held_out, y = data
+    model = pipeline.fit(train) if y is None else pipeline.fit(train, y)
+    return Case(model, train, held_out)
+
+
+MLP = {"max_iter": 400, "random_state": 0}
+BUILDERS: dict[str, Callable[[], Case]] = {
+    "logreg-binary": lambda: _fit(
+        make_pipeline(StandardScaler(), LogisticRegression()), _classification(2, 1)
+    ),
+    "logreg-multiclass-robust-pca": lambda: _fit(
+        make_pipeline(RobustScaler(), PCA(6, whiten=True), LogisticRegression()),
+        _classification(3, 2),
+    ),
+    "linear-minmax-clip": lambda: _fit(
+        make_pipeline(MinMaxScaler(clip=True), LinearRegression()), _regression(1, 3)
+    ),
+    "ridge-two-targets": lambda: _fit(Ridge(alpha=0.5), _regression(2, 4)),
+    "lasso": lambda: _fit(make_pipeline(StandardScaler(), Lasso(alpha=0.1)), _regression(1, 5)),
+    "elasticnet-pca": lambda: _fit(
+        make_pipeline(StandardScaler(), PCA(7), ElasticNet(alpha=0.05)), _regression(1, 6)
+    ),
+    "mlp-classifier-relu": lambda: _fit(
+        make_pipeline(StandardScaler(), MLPClassifier(hidden_layer_sizes=(32, 16), **MLP)),
+        _classification(3, 7),
+    ),
+    "mlp-classifier-tanh-binary": lambda: _fit(
+        make_pipeline(
+            StandardScaler(), MLPClassifier(hidden_layer_sizes=(16,), activation="tanh", **MLP)
+        ),
+        _classification(2, 8),
+    ),
+    "mlp-regressor-logistic": lambda: _fit(
+        make_pipeline(
+            StandardScaler(), MLPRegressor(hidden_layer_sizes=(16,), activation="logistic", **MLP)
+        ),
+        _regression(1, 9),
+    ),
+    "mlp-regressor-identity-two-targets": lambda: _fit(
+        make_pipeline(
+            StandardScaler(), MLPRegressor(hidden_layer_sizes=(16,), activation="identity", **MLP)
+        ),
+        _regression(2, 10),
+    ),
+    # Gaussian blobs, where a linear model is the right model (held-out accuracy 0.97).
+    "logreg-scaler-options": lambda: _fit(
+        make_pipeline(
+            StandardScaler(with_mean=False),
+            RobustScaler(with_centering=False),
+            PCA(5),
+            LogisticRegression(),
+        ),
+        _split(
+            *make_blobs(
+                N_TRAIN + N_HELD_OUT, N_FEATURES, centers=4, cluster_std=4.0, random_state=12
+            )
+        ),
+    ),
+    "kmeans-bare": lambda: _fit(
+        KMeans(3, n_init=3, random_state=0),
+        _split(make_blobs(N_TRAIN + N_HELD_OUT, N_FEATURES, centers=3, random_state=13)[0], None),
+    ),
+    "kmeans": lambda: _fit(
+        make_pipeline(StandardScaler(), KMeans(4, n_init=3, random_state=0)),
+        _split(make_blobs(N_TRAIN + N_HELD_OUT, N_FEATURES, centers=4, random_state=11)[0], None),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def cases() -> dict[str, Case]:
+    return {name: build() for name, build in BUILDERS.items()}
+
+
+def _run(data: bytes, rows: np.ndarray, tmp_path: Path) -> dict[str, np.ndarray]:
+    path = tmp_path / "model.tflite"
+    path.write_bytes(data)
+    session = load_session(path)
+    assert session.input_name == "X"
+    assert session.n_features == rows.shape[1]
+    return session.run(rows.astype(np.float32))
+
+
+# Per variant: minimum label agreement, and the largest error allowed on float outputs as
+# a fraction of the reference's spread (max |ref|): on the worst row, the 99th percentile
+# row and on average. int8 saturates on rows beyond the calibrated range, so its worst row
+# is bounded loosely and its 99th percentile tightly.
+TOLERANCES = {
+    "tflite-fp32": {"labels": 0.999, "max": 1e-5, "p99": 1e-5, "mean": 1e-6},
+    "tflite-fp16": {"labels": 0.99, "max": 1e-2, "p99": 5e-3, "mean": 1e-3},
+    "tflite-int8": {"labels": 0.99, "max": 0.5, "p99": 0.1, "mean": 0.02},
+}
+
+
+def parity(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, float]:
+    """Label agreement and relative errors of the float outputs (also used by the report)."""
+    figures: dict[str, float] = {}
+    for name, expected in ref.items():
+        got = out[name]
+        assert got.shape == expected.shape, name
+        if name == "label":
+            assert got.dtype == np.int64
+            figures["labels"] = float(np.mean(got == expected))
+        else:
+            assert got.dtype == np.float32
+            spread = float(np.max(np.abs(expected)))
+            error = np.abs(got.astype(np.float64) - expected) / spread
+            figures[f"{name}.max"] = float(error.max())
+            figures[f"{name}.p99"] = float(np.quantile(error, 0.99))
+            figures[f"{name}.mean"] = float(error.mean())
+    return figures
+
+
+@pytest.mark.parametrize("variant", TFLITE_VARIANTS)
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_variant_matches_scikit_learn(
+    cases: dict[str, Case], name: str, variant: str, tmp_path: Path
+) -> None:
+    case = cases[name]
+    representative = case.train[:N_REPRESENTATIVE].astype(np.float32)
+    data = sklearn_to_tflite(case.model, N_FEATURES, variant, representative)
+    ref = reference_outputs(case.model, case.held_out)
+    out = _run(data, case.held_out, tmp_path)
+    assert sorted(out) == sorted(ref)
+    figures = parity(out, ref)
+    limits = TOLERANCES[variant]
+    if "labels" in figures:
+        assert figures["labels"] >= limits["labels"], figures
+    for key, value in figures.items():
+        if key != "labels":
+            assert value <= limits[key.rsplit(".", 1)[1]], (key, figures)
+
+
+class _OneVsRestLogisticRegression(LogisticRegression):
+    """What multi_class="ovr" (or liblinear) computed before scikit-learn 1.8."""
+
+    def predict_proba(self, X: Any) -> Any:  # noqa: N803 - scikit-learn's name
+        return self._predict_proba_lr(X)
+
+
+# The real class name, as a model pickled by an older scikit-learn would carry.
+_OneVsRestLogisticRegression.__name__ = "LogisticRegression"
+
+
+def test_one_vs_rest_logistic_regression(tmp_path: Path) -> None:
+    X, y = make_blobs(2000, N_FEATURES, centers=3, cluster_std=3.0, random_state=5)
+    model = _OneVsRestLogisticRegression().fit(X[:1000], y[:1000])
+    out = _run(sklearn_to_tflite(model, N_FEATURES, "tflite-fp32", X), X[1000:], tmp_path)
+    figures = parity(out, reference_outputs(model, X[1000:]))
+    assert figures["labels"] >= 0.999
+    assert figures["probabilities.max"] <= 1e-5
+
+
+def test_one_session_runs_any_batch_size(cases: dict[str, Case], tmp_path: Path) -> None:
+    case = cases["mlp-classifier-relu"]
+    data = sklearn_to_tflite(case.model, N_FEATURES, "tflite-fp32", case.train[:10])
+    path = tmp_path / "model.tflite"
+    path.write_bytes(data)
+    session = load_session(path)
+    for n in (1, 7, 1000, 3):
+        rows = case.held_out[:n]
+        out = session.run(rows.astype(np.float32))
+        assert np.array_equal(out["label"], reference_outputs(case.model, rows)["label"])
+
+
+def _mlp_sizes(hidden: tuple[int, ...], n_features: int) -> dict[str, float]:
+    X, y = make_classification(600, n_features=n_features, n_informative=6, random_state=0)
+    # Size depends on the weights, not on convergence: a few iterations are enough.
+    model = MLPClassifier(hidden_layer_sizes=hidden, max_iter=5, random_state=0).fit(X, y)
+    n_weights = sum(w.size for w in model.coefs_)
+    rep = X[:200].astype(np.float32)
+    size = {v: len(sklearn_to_tflite(model, n_features, v, rep)) for v in TFLITE_VARIANTS}
+    return {
+        "weights": n_weights,
+        "fp16": size["tflite-fp16"] / size["tflite-fp32"],
+        "int8": size["tflite-int8"] / size["tflite-fp32"],
+    }
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_quantized_variants_shrink_an_mlp() -> None:
+    # Wide layers: int8 weights are a quarter of fp32, plus per-channel scales.
+    wide = _mlp_sizes((256, 256, 256), 64)
+    assert wide["weights"] >= 10_000
+    assert wide["int8"] <= 0.30, wide
+    assert 0.45 <= wide["fp16"] <= 0.55, wide
+    # ~10k weights in narrow layers: every output channel carries a float32 scale and an
+    # int64 zero point (for the weights and for the bias), 24 bytes against fan-in bytes
+    # of int8 weights, so the ratio stays nearer 0.4. Measured 0.43; this pins it.
+    narrow = _mlp_sizes((128, 64), 12)
+    assert narrow["weights"] >= 9_000
+    assert narrow["int8"] <= 0.45, narrow
+    assert narrow["fp16"] <= 0.56, narrow
+
+
+# --- Keras -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def keras_data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    # 1600 held-out rows: on 400 the int8 agreement swings by a point with the sample.
+    X, y = make_classification(2400, n_features=6, n_informative=4, n_classes=3, random_state=3)
+    return X[:800].astype(np.float32), y[:800], X[800:].astype(np.float32)
+
+
+def _keras_model(units: int, activation: str, loss: Any, rows: np.ndarray, y: np.ndarray) -> Any:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((rows.shape[1],)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.Dense(units, activation=activation),
+        ]
+    )
+    model.compile(optimizer="adam", loss=loss)
+    model.fit(rows, y, epochs=20, batch_size=64, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def keras_classifier(keras_data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Any:
+    X, y, _ = keras_data
+    return _keras_model(3, "softmax", "sparse_categorical_crossentropy", X, y)
+
+
+@pytest.mark.parametrize("variant", TFLITE_VARIANTS)
+def test_keras_softmax_classifier(
+    keras_data: tuple[np.ndarray, np.ndarray, np.ndarray],
+    keras_classifier: Any,
+    variant: str,
+    tmp_path: Path,
+) -> None:
+    X, _, held_out = keras_data
+    model = keras_classifier
+    out = _run(keras_to_tflite(model, variant, X[:500]), held_out, tmp_path)
+    expected = np.asarray(model.predict(held_out, verbose=0))
+    assert sorted(out) == ["label", "probabilities"]
+    assert out["label"].dtype == np.int64
+    agreement = np.mean(out["label"] == expected.argmax(axis=1))
+    assert agreement >= (0.999 if variant == "tflite-fp32" else 0.99)
+    atol = {"tflite-fp32": 1e-5, "tflite-fp16": 1e-2, "tflite-int8": 0.1}[variant]
+    assert np.mean(np.abs(out["probabilities"] - expected)) <= atol
+
+
+def test_keras_sigmoid_with_binary_loss_is_a_binary_classifier(
+    keras_data: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    X, y, held_out = keras_data
+    model = _keras_model(1, "sigmoid", "binary_crossentropy", X, (y == 1).astype(np.float32))
+    out = _run(keras_to_tflite(model, "tflite-fp32", X[:300]), held_out, tmp_path)
+    p = np.asarray(model.predict(held_out, verbose=0))[:, 0]
+    np.testing.assert_allclose(out["probabilities"], np.stack([1 - p, p], axis=1), atol=1e-5)
+    assert np.mean(out["label"] == (p > 0.5)) >= 0.999
+
+
+def test_keras_linear_output_is_a_regressor(
+    keras_data: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    X, y, held_out = keras_data
+    model = _keras_model(1, "linear", "mse", X, X[:, 0] * 2.0 + y)
+    out = _run(keras_to_tflite(model, "tflite-int8", X[:300]), held_out, tmp_path)
+    expected = np.asarray(model.predict(held_out, verbose=0))[:, 0]
+    assert sorted(out) == ["prediction"]
+    assert out["prediction"].shape == (len(held_out),)
+    spread = np.max(np.abs(expected))
+    assert np.mean(np.abs(out["prediction"] - expected)) <= 0.03 * spread
+
+
+def test_keras_logits_with_task_classifier_get_a_softmax(
+    keras_data: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    import keras
+
+    X, y, held_out = keras_data
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model = _keras_model(3, "linear", loss, X, y)
+    out = _run(keras_to_tflite(model, "tflite-fp32", X, task="classifier"), held_out, tmp_path)
+    logits = np.asarray(model.predict(held_out, verbose=0))
+    softmax = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(out["probabilities"], softmax, atol=1e-5)
+    assert np.mean(out["label"] == logits.argmax(axis=1)) >= 0.999
+    # Without the hint the same model is a regressor with three targets.
+    plain = _run(keras_to_tflite(model, "tflite-fp32", X), held_out, tmp_path)
+    assert plain["prediction"].shape == (len(held_out), 3)
+
+
+def test_keras_op_without_a_tflite_kernel_is_named(
+    keras_data: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> None:
+    import keras
+
+    X, _, _ = keras_data
+    model = keras.Sequential(
+        [keras.Input((X.shape[1],)), keras.layers.Lambda(keras.ops.erf), keras.layers.Dense(1)]
+    )
+    with pytest.raises(UnsupportedModelError, match=r"tf\.Erf.*no TFLite builtin op"):
+        keras_to_tflite(model, "tflite-fp32", X)
+
+
+def test_keras_builder_refuses_what_is_not_a_keras_model(cases: dict[str, Case]) -> None:
+    with pytest.raises(UnsupportedModelError, match="not a Keras model"):
+        keras_to_tflite(cases["lasso"].model, "tflite-fp32", cases["lasso"].train)
+
+
+# --- what is refused, and why ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("estimator", "words"),
+    [
+        (
+            RandomForestClassifier(n_estimators=3, random_state=0),
+            "tree ensembles have no TFLite op",
+        ),
+        (IsolationForest(n_estimators=3, random_state=0), "tree"),
+        (SVC(), "SVM"),
+        (LocalOutlierFactor(novelty=True), "neighbour search"),
+        (GaussianNB(), "not rebuilt as TF ops"),
+    ],
+)
+def test_estimators_without_tflite_ops_do_not_apply(estimator: Any, words: str) -> None:
+    X, _, y = _classification(2, 0)
+    model = make_pipeline(StandardScaler(), estimator).fit(X, y)
+    with pytest.raises(VariantNotApplicable, match=words):
+        sklearn_to_tflite(model, N_FEATURES, "tflite-fp32", X)
+    assert unsupported_reason(type(estimator).__name__, "tflite-int8") is not None
+
+
+def test_an_unsupported_step_before_a_supported_estimator_does_not_apply() -> None:
+    from sklearn.preprocessing import PolynomialFeatures
+
+    X, _, y = _regression(1, 0)
+    model = make_pipeline(PolynomialFeatures(2), Ridge()).fit(X, y)
+    with pytest.raises(VariantNotApplicable, match="PolynomialFeatures"):
+        sklearn_to_tflite(model, N_FEATURES, "tflite-fp32", X)
+
+
+def test_multilabel_mlp_is_refused() -> None:
+    X, _, y = _classification(2, 0)
+    model = MLPClassifier(hidden_layer_sizes=(4,), max_iter=5).fit(X, np.stack([y, 1 - y], axis=1))
+    with pytest.raises(UnsupportedModelError, match="multilabel"):
+        sklearn_to_tflite(model, N_FEATURES, "tflite-fp32", X)
+
+
+def test_transformer_only_and_unfitted_models_are_refused() -> None:
+    X, _, _ = _classification(2, 0)
+    with pytest.raises(UnsupportedModelError, match="task"):
+        sklearn_to_tflite(StandardScaler().fit(X), N_FEATURES, "tflite-fp32", X)
+    with pytest.raises(UnsupportedModelError, match="not fitted"):
+        sklearn_to_tflite(make_pipeline(StandardScaler(), Ridge()), N_FEATURES, "tflite-fp32", X)
+
+
+def test_int8_needs_fitting_representative_rows(cases: dict[str, Case]) -> None:
+    model = cases["logreg-binary"].model
+    with pytest.raises(CalibrationDataError):
+        sklearn_to_tflite(model, N_FEATURES, "tflite-int8", np.empty((0, N_FEATURES)))
+    with pytest.raises(CalibrationDataError):
+        sklearn_to_tflite(model, N_FEATURES, "tflite-int8", np.ones((20, N_FEATURES - 1)))
+    with pytest.raises(CalibrationDataError, match="NaN"):
+        sklearn_to_tflite(model, N_FEATURES, "tflite-int8", np.full((20, N_FEATURES), np.nan))
+
+
+def test_feature_count_must_match_the_model(cases: dict[str, Case]) -> None:
+    with pytest.raises(InputSpecError):
+        sklearn_to_tflite(cases["ridge-two-targets"].model, N_FEATURES + 1, "tflite-fp32", None)  # type: ignore[arg-type]
+
+
+def test_capability_matrix() -> None:
+    for name in ("StandardScaler", "PCA", "LogisticRegression", "MLPRegressor", "KMeans"):
+        for variant in TFLITE_VARIANTS:
+            assert unsupported_reason(name, variant) is None
+    assert "tree ensembles have no TFLite op" in str(
+        unsupported_reason("HistGradientBoostingClassifier", "tflite-fp16")
+    )
+    assert "SVM" in str(unsupported_reason("OneClassSVM", "tflite-fp32"))
+    assert "not a TFLite variant" in str(unsupported_reason("Ridge", "onnx-fp32"))
+
+
+def test_module_imports_without_tensorflow() -> None:
+    # A fresh interpreter where `import tensorflow` fails, as on a device or a slim server.
+    script = """
+import sys
+import converter.tflite_build as tb
+import converter.tflite_pyfunc
+assert not {"tensorflow", "keras"} & set(sys.modules), "imported TF eagerly"
+sys.modules["tensorflow"] = None
+import numpy as np
+from sklearn.linear_model import Ridge
+from converter.errors import UnsupportedModelError
+model = Ridge().fit(np.eye(3), [0.0, 1.0, 2.0])
+try:
+    tb.sklearn_to_tflite(model, 3, "tflite-fp32", np.eye(3))
+except UnsupportedModelError as exc:
+    print(exc)
+"""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "pip install 'lineside[tflite]'" in done.stdout, done.stderr
+
+
+# --- the TFLite bundle as an MLflow model ----------------------------------------------
+
+
+def test_tflite_bundle_loads_as_mlflow_pyfunc(cases: dict[str, Case], tmp_path: Path) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.models import Model, infer_signature
+
+    case = cases["logreg-multiclass-robust-pca"]
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    data = sklearn_to_tflite(case.model, N_FEATURES, "tflite-int8", case.train[:300])
+    (bundle / "model.tflite").write_bytes(data)
+    columns = [f"f{i}" for i in range(N_FEATURES)]
+    frame = pd.DataFrame(case.held_out[:50], columns=columns)
+    model = Model(signature=infer_signature(frame))
+    model.add_flavor("tflite", data="model.tflite", runtime="ai-edge-litert")
+    mlflow.pyfunc.add_to_model(model, loader_module="converter.tflite_pyfunc", data="model.tflite")
+    model.save(str(bundle / "MLmodel"))
+
+    loaded = mlflow.pyfunc.load_model(str(bundle))
+    got = loaded.predict(frame)
+    expected = load_session(bundle / "model.tflite").run(frame.to_numpy(np.float32))
+    assert sorted(got) == ["label", "probabilities"]
+    for name, value in expected.items():
+        np.testing.assert_array_equal(got[name], value)
+
+
+def test_pyfunc_returns_a_dataframe_for_one_value_per_row(
+    cases: dict[str, Case], tmp_path: Path
+) -> None:
+    from converter.tflite_pyfunc import _load_pyfunc
+
+    case = cases["lasso"]
+    path = tmp_path / "model.tflite"
+    path.write_bytes(sklearn_to_tflite(case.model, N_FEATURES, "tflite-fp32", case.train))
+    frame = _load_pyfunc(str(tmp_path)).predict(case.held_out[:20])  # float64 ndarray in
+    assert list(frame.columns) == ["prediction"]
+    np.testing.assert_allclose(
+        frame["prediction"], case.model.predict(case.held_out[:20]), rtol=1e-4, atol=1e-3
+    )
