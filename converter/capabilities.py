@@ -67,6 +67,8 @@ def render_text(table: dict[str, dict[str, str | None]]) -> str:
                 cells.append(f"no [{number}]".ljust(13))
         lines.append(name.ljust(width) + "".join(cells))
     lines.append("")
+    lines.append("yes: the variant applies. fp16/int8 of a model too small to shrink is still")
+    lines.append("skipped, with the measured size ratio as the reason.")
     lines += [f"[{n}] {reason}" for reason, n in notes.items()]
     return "\n".join(lines)
 

@@ -108,13 +108,13 @@ CASES: list[tuple[str, str, Any]] = [
         "MLPClassifier",
         "clf",
         lambda: make_pipeline(
-            StandardScaler(), MLPClassifier((32, 16), max_iter=300, random_state=0)
+            StandardScaler(), MLPClassifier(hidden_layer_sizes=(96, 96), max_iter=200, random_state=0)
         ),
     ),
     (
         "MLPRegressor",
         "reg",
-        lambda: make_pipeline(StandardScaler(), MLPRegressor((32,), max_iter=300, random_state=0)),
+        lambda: make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(96, 96), max_iter=200, random_state=0)),
     ),
     (
         "KMeans",
@@ -122,6 +122,10 @@ CASES: list[tuple[str, str, Any]] = [
         lambda: make_pipeline(StandardScaler(), KMeans(4, n_init=3, random_state=0)),
     ),
 ]
+
+
+# Models in CASES big enough that every supported variant must be written.
+ALWAYS_SHRINK = {"MLPClassifier", "MLPRegressor"}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +152,12 @@ def test_estimator_through_every_variant(
         outcome = by_variant[variant]
         expected_reason = capabilities[estimator][variant]
         assert outcome.status != "failed", f"{variant}: {outcome.reason}"
-        if expected_reason is None:
+        if expected_reason is None and outcome.status == "skipped":
+            # Supported, but this model is too small for fp16/int8 to shrink it: lineside
+            # says so instead of shipping a bigger "compressed" file.
+            assert variant.endswith(("fp16", "int8")) and "x the fp32" in (outcome.reason or "")
+            assert estimator not in ALWAYS_SHRINK, f"{variant}: {outcome.reason}"
+        elif expected_reason is None:
             assert outcome.status == "written", f"{variant}: {outcome.reason}"
             assert (tmp_path / variant / "MLmodel").is_file()
             assert outcome.parity is not None and outcome.parity.passed
