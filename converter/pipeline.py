@@ -120,8 +120,11 @@ class _Job:
         self.calibration = (
             dataset.load_calibration(calibration_path, names) if calibration_path else None
         )
-        sample = dataset.sample_rows(original.model, original.input_example, len(names))
-        self.validation = self.calibration if self.calibration is not None else sample
+        self.validation = (
+            self.calibration
+            if self.calibration is not None
+            else dataset.sample_rows(original.model, original.input_example, len(names))
+        )
         self.example = (
             original.input_example if original.input_example is not None else self.validation[:5]
         )
