@@ -13,8 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from converter.pipeline import ConversionResult, convert
     from converter.parity import ParityThresholds
+    from converter.pipeline import ConversionResult, convert
 
 from converter.variants import VARIANTS
 

@@ -20,20 +20,41 @@ EXIT_ERROR = 2  # the command could not run (bad URI, unreachable server, bad in
 @click.argument("model_uri", required=False)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--variant", "variants", multiple=True, help="A variant to build (repeatable).")
-@click.option("--target", "targets", multiple=True, type=click.Path(path_type=Path),
-              help="A device config; builds the variants that device class prefers.")
-@click.option("--calibration-data", type=click.Path(path_type=Path),
-              help="CSV/JSONL/.npy rows for static int8 and the parity gate.")
-@click.option("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
-              "else MLflow's local sqlite default).")
-@click.option("--log-to-registry", is_flag=True,
-              help="Log bundles to the source run and tag the model version.")
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="A device config; builds the variants that device class prefers.",
+)
+@click.option(
+    "--calibration-data",
+    type=click.Path(path_type=Path),
+    help="CSV/JSONL/.npy rows for static int8 and the parity gate.",
+)
+@click.option(
+    "--tracking-uri",
+    help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else MLflow's local sqlite default).",
+)
+@click.option(
+    "--log-to-registry",
+    is_flag=True,
+    help="Log bundles to the source run and tag the model version.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--capabilities", is_flag=True, help="Print the estimator x variant matrix.")
-@click.option("--min-agreement-fp32", type=float, default=None,
-              help="Label agreement an fp32 variant needs on validation rows (0.999).")
-@click.option("--min-agreement-reduced", type=float, default=None,
-              help="Label agreement an fp16/int8 variant needs (0.99).")
+@click.option(
+    "--min-agreement-fp32",
+    type=float,
+    default=None,
+    help="Label agreement an fp32 variant needs on validation rows (0.999).",
+)
+@click.option(
+    "--min-agreement-reduced",
+    type=float,
+    default=None,
+    help="Label agreement an fp16/int8 variant needs (0.99).",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def convert(
     model_uri: str | None,
@@ -58,8 +79,17 @@ def convert(
         if not model_uri or out_dir is None:
             raise click.UsageError("MODEL_URI and --out are required (or --capabilities)")
         chosen = _choose_variants(variants, targets)
-        code = _run(model_uri, out_dir, chosen, calibration_data, tracking_uri,
-                    log_to_registry, as_json, min_agreement_fp32, min_agreement_reduced)
+        code = _run(
+            model_uri,
+            out_dir,
+            chosen,
+            calibration_data,
+            tracking_uri,
+            log_to_registry,
+            as_json,
+            min_agreement_fp32,
+            min_agreement_reduced,
+        )
     except click.UsageError:
         raise
     except ConverterError as exc:
@@ -70,8 +100,11 @@ def convert(
     except Exception as exc:
         if debug:
             raise
-        click.echo(f"lineside convert: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
-                   "(rerun with --debug for the traceback)", err=True)
+        click.echo(
+            f"lineside convert: unexpected error: {type(exc).__name__}: {_one_line(exc)} "
+            "(rerun with --debug for the traceback)",
+            err=True,
+        )
         sys.exit(EXIT_ERROR)
     sys.exit(code)
 
@@ -87,8 +120,8 @@ def _run(
     min_fp32: float | None,
     min_reduced: float | None,
 ) -> int:
-    from converter.pipeline import convert as run_convert
     from converter.parity import ParityThresholds
+    from converter.pipeline import convert as run_convert
 
     _limit_mlflow_retries()
     thresholds = ParityThresholds()
@@ -116,8 +149,11 @@ def _run(
         _print_summary(result)
     if not result.ok:
         if not any(v.status in ("written", "failed") for v in result.variants):
-            click.echo("lineside convert: error: no requested variant applies to this model "
-                       "(see the reasons above and `lineside convert --capabilities`)", err=True)
+            click.echo(
+                "lineside convert: error: no requested variant applies to this model "
+                "(see the reasons above and `lineside convert --capabilities`)",
+                err=True,
+            )
         return EXIT_FAILED
     return 0
 
@@ -130,7 +166,9 @@ def _choose_variants(variants: tuple[str, ...], targets: tuple[Path, ...]) -> li
         chosen += _target_variants(target)
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown:
-        raise click.UsageError(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+        raise click.UsageError(
+            f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}"
+        )
     return list(dict.fromkeys(chosen)) or list(VARIANTS)
 
 
@@ -173,9 +211,14 @@ def _print_summary(result: Any) -> None:
     for v in result.variants:
         if v.status == "written":
             p = v.parity
-            agree = (f" label agreement {p.label_agreement_validation:.2%}"
-                     if p and p.label_agreement_validation is not None else "")
-            err = f" max abs err {max(p.max_abs_error.values()):.2e}" if p and p.max_abs_error else ""
+            agree = (
+                f" label agreement {p.label_agreement_validation:.2%}"
+                if p and p.label_agreement_validation is not None
+                else ""
+            )
+            err = (
+                f" max abs err {max(p.max_abs_error.values()):.2e}" if p and p.max_abs_error else ""
+            )
             click.echo(f"  {v.variant:12} written  {v.size:>9} B{agree}{err}  -> {v.path}")
         else:
             click.echo(f"  {v.variant:12} {v.status:8} {v.reason}")
@@ -199,8 +242,12 @@ class _Progress:
             from rich.console import Console
             from rich.progress import Progress, SpinnerColumn, TextColumn
 
-            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                                      console=Console(stderr=True), transient=True)
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                console=Console(stderr=True),
+                transient=True,
+            )
             self._progress.start()
             self._task = self._progress.add_task("resolving model", total=None)
         return self

@@ -74,7 +74,11 @@ class OriginalModel:
             raw = np.asarray(self.model.predict(X.astype(np.float32), verbose=0))
             if self.task == "classifier":
                 return {"label": raw.argmax(axis=1).astype(np.int64), "probabilities": raw}
-            return {"prediction": raw.reshape(len(X), -1).squeeze(axis=1) if raw.ndim == 2 and raw.shape[1] == 1 else raw}
+            return {
+                "prediction": raw.reshape(len(X), -1).squeeze(axis=1)
+                if raw.ndim == 2 and raw.shape[1] == 1
+                else raw
+            }
         return _run_onnx_proto(self.model, X)
 
     def pyfunc_labels(self, X: np.ndarray) -> np.ndarray | None:
@@ -196,7 +200,9 @@ def _feature_names(
                 )
             return [f"x{i}" for i in range(int(shape[-1]))]
         bad = [
-            f"{c.get('name')} ({c.get('type')})" for c in inputs if c.get("type") not in NUMERIC_TYPES
+            f"{c.get('name')} ({c.get('type')})"
+            for c in inputs
+            if c.get("type") not in NUMERIC_TYPES
         ]
         if bad:
             raise InputSpecError(
@@ -240,10 +246,18 @@ def _example_array(example: Any, names: list[str]) -> np.ndarray:
 
 
 def _column_dtypes(signature: dict[str, Any] | None, names: list[str]) -> dict[str, str]:
-    mapping = {"double": "float64", "float": "float32", "long": "int64", "integer": "int32", "boolean": "bool"}
+    mapping = {
+        "double": "float64",
+        "float": "float32",
+        "long": "int64",
+        "integer": "int32",
+        "boolean": "bool",
+    }
     if not signature:
         return dict.fromkeys(names, "float64")
-    types = {c["name"]: mapping.get(c.get("type", "double"), "float64") for c in signature["inputs"]}
+    types = {
+        c["name"]: mapping.get(c.get("type", "double"), "float64") for c in signature["inputs"]
+    }
     return {n: types.get(n, "float64") for n in names}
 
 

@@ -78,12 +78,24 @@ def check_parity(
         report.label_agreement_validation = _agreement(
             reference_validation["label"], candidate_validation["label"]
         )
-        need_example = thresholds.reduced_agreement if reduced else thresholds.fp32_example_agreement
+        need_example = (
+            thresholds.reduced_agreement if reduced else thresholds.fp32_example_agreement
+        )
         need_valid = (
             thresholds.reduced_agreement if reduced else thresholds.fp32_validation_agreement
         )
-        _gate(report, "label agreement on the input example", report.label_agreement_example, need_example)
-        _gate(report, "label agreement on validation rows", report.label_agreement_validation, need_valid)
+        _gate(
+            report,
+            "label agreement on the input example",
+            report.label_agreement_example,
+            need_example,
+        )
+        _gate(
+            report,
+            "label agreement on validation rows",
+            report.label_agreement_validation,
+            need_valid,
+        )
     if task == "regressor" and "prediction" in candidate_validation:
         ref = np.asarray(reference_validation["prediction"], dtype=np.float64)
         err = _max_abs(ref, candidate_validation["prediction"])

@@ -208,7 +208,9 @@ class _Job:
         report: parity.ParityReport,
         got_validation: dict[str, np.ndarray],
     ) -> dict[str, Any]:
-        golden_rows = np.vstack([self.example[: GOLDEN_ROWS // 2], self.validation[: GOLDEN_ROWS // 2]])
+        golden_rows = np.vstack(
+            [self.example[: GOLDEN_ROWS // 2], self.validation[: GOLDEN_ROWS // 2]]
+        )
         session = _session_for(built.model_bytes, runtime)
         golden_out = _run(session, golden_rows)
         return {
@@ -228,9 +230,8 @@ class _Job:
             "model_file": MODEL_FILES[runtime],
             "task": self.original.task,
             "feature_names": self.original.feature_names,
-            "input_signature": self.original.signature or _columns_signature(
-                self.original.feature_names
-            ),
+            "input_signature": self.original.signature
+            or _columns_signature(self.original.feature_names),
             "classes": self.original.classes,
             "outputs": self.original.output_spec_dicts(),
             "quantization": built.settings,
@@ -263,7 +264,7 @@ class _Job:
 
         # Unnamed, so that a DataFrame of float32 columns also passes MLflow's enforcement.
         inputs = Schema([TensorSpec(np.dtype("float32"), (-1, self.original.n_features))])
-        outputs = [
+        outputs: list[Any] = [
             TensorSpec(np.dtype(spec["dtype"]), tuple(spec["shape"]), spec["name"])
             for spec in self.original.output_spec_dicts()
         ]
@@ -300,8 +301,17 @@ def _tool_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("lineside", "mlflow", "onnx", "onnxruntime", "skl2onnx", "scikit-learn",
-                 "tensorflow-cpu", "tensorflow", "ai-edge-litert"):
+    for dist in (
+        "lineside",
+        "mlflow",
+        "onnx",
+        "onnxruntime",
+        "skl2onnx",
+        "scikit-learn",
+        "tensorflow-cpu",
+        "tensorflow",
+        "ai-edge-litert",
+    ):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

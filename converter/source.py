@@ -21,7 +21,12 @@ from converter.errors import (
     TrackingServerError,
 )
 
-LEGACY_STAGES = {"production": "Production", "staging": "Staging", "archived": "Archived", "none": "None"}
+LEGACY_STAGES = {
+    "production": "Production",
+    "staging": "Staging",
+    "archived": "Archived",
+    "none": "None",
+}
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/]+)$")
 _NAMED = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<ref>[^/]+)$")
 _LOGGED = re.compile(r"^models:/(?P<id>m-[0-9a-f]+)$")
@@ -113,7 +118,9 @@ def _lookup(client: Any, uri: str) -> dict[str, Any]:
 
 def _from_stage(client: Any, uri: str, name: str, stage: str) -> dict[str, Any]:
     versions = [
-        v for v in client.search_model_versions(f"name='{_quote(name)}'") if v.current_stage == stage
+        v
+        for v in client.search_model_versions(f"name='{_quote(name)}'")
+        if v.current_stage == stage
     ]
     if not versions:
         client.get_registered_model(name)  # raises if the model itself is unknown
@@ -166,16 +173,15 @@ class translate_mlflow_errors:  # noqa: N801 - used as a context manager, reads 
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         if exc is None or isinstance(exc, SourceError):
-            return False
+            return
         error = _translate(self.uri, exc)
-        if error is None:
-            return False
-        raise error from exc
+        if error is not None:
+            raise error from exc
 
 
-def _translate(uri: str, exc: BaseException) -> SourceError | None:
+def _translate(uri: str, exc: BaseException) -> SourceError | None:  # noqa: PLR0911
     from mlflow.exceptions import MlflowException
 
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

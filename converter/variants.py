@@ -32,8 +32,9 @@ class BuiltVariant:
 class VariantBuilder:
     """Builds variants of one original model, reusing its fp32 ONNX graph."""
 
-    def __init__(self, original: OriginalModel, calibration: np.ndarray | None,
-                 representative: np.ndarray) -> None:
+    def __init__(
+        self, original: OriginalModel, calibration: np.ndarray | None, representative: np.ndarray
+    ) -> None:
         self.original = original
         self.calibration = calibration  # given by the user: static int8 quantization
         self.representative = representative  # always available: TFLite int8 needs rows
@@ -71,7 +72,9 @@ class VariantBuilder:
 
         if variant == "onnx-fp16":
             model = onnx_variants.to_fp16(fp32)
-            return BuiltVariant(variant, model.SerializeToString(), {"precision": "fp16", "io": "fp32"})
+            return BuiltVariant(
+                variant, model.SerializeToString(), {"precision": "fp16", "io": "fp32"}
+            )
         model, settings = onnx_variants.to_int8(fp32, self.calibration)
         return BuiltVariant(variant, model.SerializeToString(), {"precision": "int8", **settings})
 
@@ -84,7 +87,9 @@ class VariantBuilder:
             )
         rows = self.calibration if self.calibration is not None else self.representative
         if self.original.flavor == "keras":
-            data = tflite_build.keras_to_tflite(self.original.model, variant, rows.astype(np.float32))
+            data = tflite_build.keras_to_tflite(
+                self.original.model, variant, rows.astype(np.float32)
+            )
         else:
             data = tflite_build.sklearn_to_tflite(
                 self.original.model, self.original.n_features, variant, rows.astype(np.float32)

@@ -40,7 +40,10 @@ class HealthWindow:
                 return "failed", f"inference error rate {rate:.1%} over {self.max_error_rate:.1%}"
             p99 = _p99(self.latencies_ms)
             if p99 > self.latency_budget_ms:
-                return "failed", f"p99 latency {p99:.1f} ms over the {self.latency_budget_ms} ms budget"
+                return (
+                    "failed",
+                    f"p99 latency {p99:.1f} ms over the {self.latency_budget_ms} ms budget",
+                )
         if now - self.started >= self.window_s:
             return "healthy", None
         return "pending", None

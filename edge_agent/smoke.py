@@ -36,15 +36,18 @@ def check_golden(session: Session, manifest: Manifest) -> None:
         expected = np.asarray(expected_list)
         actual = np.asarray(got[name])
         if actual.shape != expected.shape:
-            raise GoldenMismatch(f"output {name!r} has shape {actual.shape}, expected {expected.shape}")
+            raise GoldenMismatch(
+                f"output {name!r} has shape {actual.shape}, expected {expected.shape}"
+            )
         if not np.all(np.isfinite(actual.astype(np.float64))):
             raise GoldenMismatch(f"output {name!r} has NaN or infinite values on golden inputs")
         if name == "label":
             mismatches = int(np.sum(actual.astype(np.int64) != expected.astype(np.int64)))
             if mismatches:
                 raise GoldenMismatch(f"{mismatches} of {len(expected)} golden labels differ")
-        elif not np.allclose(actual.astype(np.float64), expected.astype(np.float64),
-                             atol=atol, rtol=rtol):
+        elif not np.allclose(
+            actual.astype(np.float64), expected.astype(np.float64), atol=atol, rtol=rtol
+        ):
             worst = float(np.max(np.abs(actual.astype(np.float64) - expected)))
             raise GoldenMismatch(
                 f"output {name!r} differs from the golden values by up to {worst:.3g} "

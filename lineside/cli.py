@@ -8,7 +8,6 @@ extra (no mlflow, onnx, scikit-learn or tensorflow).
 from __future__ import annotations
 
 import importlib
-import sys
 
 import click
 
@@ -65,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    main()

@@ -86,8 +86,9 @@ def _start_mosquitto(workdir: Path, port: int) -> DemoBroker:
         )
         + "\n"
     )
-    proc = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     broker = DemoBroker("mosquitto", port, _proc=proc)
     _wait_port(port, lambda: proc.poll() is None)
     return broker

@@ -63,7 +63,9 @@ def make_line(n_presses: int = 3, seed: int = 7) -> list[Press]:
     ]
 
 
-def training_data(rows: int = 3000, seed: int = 11, wear_shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def training_data(
+    rows: int = 3000, seed: int = 11, wear_shift: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """Historic readings ``X`` [rows, 4] and defect labels ``y`` for training."""
     line = make_line(4, seed)
     X, y = [], []

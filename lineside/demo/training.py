@@ -47,8 +47,9 @@ def train_quality(seed: int) -> tuple[Any, Any]:
     return model, frame
 
 
-def log_and_register(model: Any, frame: Any, name: str, *, experiment: str,
-                     params: dict[str, Any]) -> Registered:
+def log_and_register(
+    model: Any, frame: Any, name: str, *, experiment: str, params: dict[str, Any]
+) -> Registered:
     """Log with ``mlflow.sklearn.log_model`` (skops format, MLflow's default) and register."""
     import mlflow
     import mlflow.sklearn
@@ -60,7 +61,10 @@ def log_and_register(model: Any, frame: Any, name: str, *, experiment: str,
     with mlflow.start_run(run_name=f"{name}-train") as run:
         mlflow.log_params(params)
         predictions = model.predict(frame)
-        mlflow.log_metric("train_positive_rate", float(np.mean(predictions == (-1 if name == ANOMALY_MODEL else 1))))
+        mlflow.log_metric(
+            "train_positive_rate",
+            float(np.mean(predictions == (-1 if name == ANOMALY_MODEL else 1))),
+        )
         info = mlflow.sklearn.log_model(
             model,
             name="model",
