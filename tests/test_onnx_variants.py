@@ -228,3 +228,27 @@ def test_capability_table_matches_what_the_conversions_do() -> None:
                 assert reason is not None, f"{name} {variant}: table says yes, got {exc}"
             else:
                 assert reason is None, f"{name} {variant}: table says no, but it converted"
+
+
+@pytest.mark.parametrize("calibrated", [False, True], ids=["dynamic", "static"])
+def test_int8_of_a_10k_weight_mlp_is_at_most_030x(calibrated: bool, tmp_path: Path) -> None:
+    # The bar sits at the smallest MLP it covers: 8 features, hidden (96, 96),
+    # 3 classes = 10,272 weights, where the quantizer's fixed overhead weighs the most.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(800, 8)) * 2.0 + 1.0
+    y = np.digitize(x[:, 0] - x[:, 1], [-1.0, 1.0])
+    model = make_pipeline(
+        StandardScaler(), MLPClassifier(hidden_layer_sizes=(96, 96), max_iter=60, random_state=0)
+    ).fit(x, y)
+    assert 10_000 <= sum(c.size for c in model[-1].coefs_) <= 10_500
+    fp32 = sklearn_to_onnx(model, 8)
+    int8, settings = to_int8(fp32, x[:256] if calibrated else None)
+    assert int8.ByteSize() <= 0.30 * fp32.ByteSize(), int8.ByteSize() / fp32.ByteSize()
+    assert settings["size_ratio"] <= 0.30
+    # The contract's interface is untouched by the compaction.
+    assert [i.name for i in int8.graph.input] == ["X"]
+    assert [o.name for o in int8.graph.output] == [o.name for o in fp32.graph.output]
+    assert {o.domain for o in int8.opset_import} == {"", "ai.onnx.ml"}
+    onnx.checker.check_model(int8, full_check=True)
+    x_eval = rng.normal(size=(1000, 8)) * 2.0 + 1.0
+    assert_close_enough(model, run(int8, tmp_path, x_eval), x_eval, atol=0.1)
