@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +95,25 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def sign_manifest(signed: Mapping[str, Any], private_key: Ed25519PrivateKey) -> bytes:
+def sign_manifest(
+    signed: Mapping[str, Any],
+    private_key: Ed25519PrivateKey,
+    *,
+    extra_keys: Sequence[Ed25519PrivateKey] = (),
+) -> bytes:
     """Validate ``signed`` as the agent would, sign its canonical bytes, return the wire form.
 
     The wire form is ``{"signatures": [{"keyid", "sig"}], "signed": {...}}`` in
-    canonical JSON (docs/protocol.md, "Manifest").
+    canonical JSON (docs/protocol.md, "Manifest"). ``extra_keys`` add signatures (key
+    rotation: sign with the old and the new key while devices move over).
     """
     parse_signed(signed)  # never sign something every agent will refuse
     payload = canonical_bytes(signed)
     envelope = {
         "signed": json.loads(payload),
-        "signatures": [{"keyid": key_id(private_key), "sig": private_key.sign(payload).hex()}],
+        "signatures": [
+            {"keyid": key_id(k), "sig": k.sign(payload).hex()} for k in (private_key, *extra_keys)
+        ],
     }
     wire = canonical_bytes(envelope)
     if len(wire) > Limits().max_manifest_bytes:

@@ -1,0 +1,196 @@
+"""The fleet view: device state, telemetry and events folded into one snapshot.
+
+``FleetView`` is pure (messages in, records out; the clock is passed in), so the gate
+logic and the CLI tables are tested without a broker. ``FleetMonitor`` subscribes an
+``MqttLink`` to ``devices/+/state``, ``+/telemetry`` and ``+/events`` and feeds the view.
+Payloads are docs/protocol.md section 8; unknown members are ignored, malformed
+messages are counted and dropped (a device must not be able to crash the service).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from edge_agent.mqtt import Message, MqttLink
+from edge_agent.protocol.topics import TopicError, Topics
+
+__all__ = ["DeviceRecord", "FleetMonitor", "FleetView", "ModelTelemetry"]
+
+log = logging.getLogger(__name__)
+MAX_EVENTS = 50  # per device, newest kept
+
+
+@dataclass
+class ModelTelemetry:
+    version: int | None = None
+    rows: int = 0  # cumulative since the monitor started, for this version
+    errors: int = 0
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    throughput: float | None = None  # rows per second over the last interval
+    psi: dict[str, float] = field(default_factory=dict)
+    ts: float = 0.0
+
+
+@dataclass
+class DeviceRecord:
+    device: str
+    online: bool = False
+    last_seen: float = 0.0
+    state_ts: float = 0.0
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # model -> [version, since]: when that version was first seen active while online
+    active_since: dict[str, list[Any]] = field(default_factory=dict)
+    groups: dict[str, list[str]] = field(default_factory=dict)  # model -> groups seen in events
+    events: list[dict[str, Any]] = field(default_factory=list)
+    telemetry: dict[str, ModelTelemetry] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> DeviceRecord:
+        rec = cls(**{k: v for k, v in doc.items() if k != "telemetry"})
+        rec.telemetry = {m: ModelTelemetry(**t) for m, t in doc.get("telemetry", {}).items()}
+        return rec
+
+
+Listener = Callable[[str, str, Mapping[str, Any]], None]  # (device, channel, payload)
+
+
+class FleetView:
+    """Thread-safe fold of device messages. ``now`` is the receive time, in unix seconds."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.devices: dict[str, DeviceRecord] = {}
+        self.malformed = 0
+
+    def load(self, doc: Mapping[str, Any]) -> None:
+        with self._lock:
+            for name, rec in doc.get("devices", {}).items():
+                self.devices.setdefault(name, DeviceRecord.from_json(rec))
+
+    def to_json(self) -> dict[str, Any]:
+        with self._lock:
+            return {"devices": {n: r.to_json() for n, r in sorted(self.devices.items())}}
+
+    def snapshot(self) -> dict[str, DeviceRecord]:
+        with self._lock:
+            return {n: DeviceRecord.from_json(r.to_json()) for n, r in self.devices.items()}
+
+    def apply(self, device: str, channel: str, payload: Mapping[str, Any], now: float) -> None:
+        with self._lock:
+            rec = self.devices.setdefault(device, DeviceRecord(device))
+            if channel != "state":
+                rec.last_seen = now
+            if channel == "state":
+                self._state(rec, payload, now)
+            elif channel == "telemetry":
+                self._telemetry(rec, payload, now)
+            elif channel == "events":
+                self._event(rec, payload, now)
+
+    def _state(self, rec: DeviceRecord, p: Mapping[str, Any], now: float) -> None:
+        rec.online = bool(p.get("online"))
+        rec.state_ts = float(p.get("ts") or now)
+        # A retained offline state (the will) arrives "now" but says when it was last alive.
+        rec.last_seen = now if rec.online else max(rec.last_seen, rec.state_ts)
+        models = p.get("models")
+        if isinstance(models, dict):
+            rec.models = {str(m): dict(v) for m, v in models.items() if isinstance(v, dict)}
+        for model, info in rec.models.items():
+            version = info.get("version")
+            current = rec.active_since.get(model)
+            if current is None or current[0] != version:
+                rec.active_since[model] = [version, now]
+        for model in list(rec.active_since):
+            if model not in rec.models:
+                del rec.active_since[model]
+        if not rec.online:
+            rec.active_since.clear()  # "healthy for T seconds" restarts after an outage
+
+    def _telemetry(self, rec: DeviceRecord, p: Mapping[str, Any], now: float) -> None:
+        interval = float(p.get("interval_s") or 0.0)
+        for model, m in (p.get("models") or {}).items():
+            if not isinstance(m, dict):
+                continue
+            version = m.get("version")
+            t = rec.telemetry.get(model)
+            if t is None or t.version != version:
+                t = rec.telemetry[model] = ModelTelemetry(version=version)
+            rows, errors = int(m.get("rows") or 0), int(m.get("errors") or 0)
+            t.rows += rows
+            t.errors += errors
+            lat = m.get("latency_ms") or {}
+            t.p50_ms = _num(lat.get("p50"))
+            t.p99_ms = _num(lat.get("p99"))
+            t.throughput = rows / interval if interval > 0 else None
+            t.psi = {
+                str(k): float(v)
+                for k, v in (m.get("psi") or {}).items()
+                if isinstance(v, (int, float))
+            }
+            t.ts = now
+
+    def _event(self, rec: DeviceRecord, p: Mapping[str, Any], now: float) -> None:
+        event = {
+            k: p[k]
+            for k in ("ts", "kind", "code", "model", "group", "message", "version")
+            if k in p
+        }
+        event["received"] = now
+        rec.events.append(event)
+        del rec.events[:-MAX_EVENTS]
+        model, group = p.get("model"), p.get("group")
+        if p.get("kind") == "update" and isinstance(model, str) and isinstance(group, str):
+            seen = rec.groups.setdefault(model, [])
+            if group not in seen:
+                seen.append(group)
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+class FleetMonitor:
+    """Feeds a ``FleetView`` from the broker; ``listeners`` see every decoded message."""
+
+    def __init__(
+        self, link: MqttLink, topics: Topics, view: FleetView, clock: Callable[[], float]
+    ) -> None:
+        self.link = link
+        self.topics = topics
+        self.view = view
+        self.clock = clock
+        self.listeners: list[Listener] = []
+
+    def start(self) -> None:
+        base = f"{self.topics.root}/devices/+"
+        self.link.subscribe(f"{base}/state", self._on_message, qos=1)
+        self.link.subscribe(f"{base}/events", self._on_message, qos=1)
+        self.link.subscribe(f"{base}/telemetry", self._on_message, qos=0)
+
+    def _on_message(self, msg: Message) -> None:
+        try:
+            parsed = self.topics.parse(msg.topic)
+        except TopicError:
+            return
+        if parsed.device is None or not msg.payload:
+            return
+        try:
+            payload = json.loads(msg.payload)
+            if not isinstance(payload, dict):
+                raise ValueError("not an object")
+            self.view.apply(parsed.device, parsed.kind, payload, self.clock())
+        except (ValueError, TypeError, AttributeError) as exc:
+            self.view.malformed += 1
+            log.debug("dropping malformed %s from %s: %s", parsed.kind, parsed.device, exc)
+            return
+        for listener in self.listeners:
+            listener(parsed.device, parsed.kind, payload)
