@@ -145,16 +145,25 @@ def _from_version(uri: str, mv: Any, *, selector: str | None) -> dict[str, Any]:
 
 
 def _download(uri: str, tracking_uri: str | None, dst: Path) -> Path:
+    import mlflow
     import mlflow.artifacts
 
     dst.mkdir(parents=True, exist_ok=True)
     # MLflow's tqdm bars would interleave with our own progress display and --json output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    path = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=tracking_uri_from(tracking_uri)
+    resolved = tracking_uri_from(tracking_uri)
+    # download_artifacts resolves models:/ URIs through MLflow's process-wide *registry*
+    # URI, not the tracking URI it is given: point it at the same server for the call.
+    previous = mlflow.get_registry_uri()
+    mlflow.set_registry_uri(resolved)
+    try:
+        path = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dst), tracking_uri=resolved
+            )
         )
-    )
+    finally:
+        mlflow.set_registry_uri(previous)
     if not (path / "MLmodel").is_file():
         raise ModelLoadError(f"{uri}: the artifact has no MLmodel file; is the path a model?")
     return path

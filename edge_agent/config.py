@@ -87,6 +87,9 @@ class Limits:
     outbox_max_bytes: int = 256 * 1024 * 1024  # bytes
     max_payload_bytes: int = 256 * 1024  # bytes, one sensor message
     update_deadline_s: float = 600.0  # seconds for a whole model update
+    # Outbox commits: "full" survives a power cut (one fsync per micro-batch), "normal"
+    # survives a crashed or killed agent but may lose the last commits on a power cut.
+    outbox_sync: str = "full"
 
 
 @dataclass(frozen=True)
@@ -406,9 +409,17 @@ def _limits(table: _Table) -> Limits:
                                        high=256 * 2**20, integer=True),
         update_deadline_s=float(table.number("update_deadline_s", d.update_deadline_s,
                                              low=1, high=86400)),
+        outbox_sync=_choice(table, "outbox_sync", d.outbox_sync, ("full", "normal")),
     )
     table.done()
     return limits
+
+
+def _choice(table: _Table, key: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = table.text(key, default)
+    if value not in allowed:
+        raise table.error(key, f"expected one of {', '.join(allowed)}, got {value!r}")
+    return str(value)
 
 
 def _health(table: _Table) -> HealthConfig:

@@ -91,6 +91,9 @@ class LinkOptions:
     keepalive: int = 30
     # Retained state topic: "online" on connect, "offline" as the last will and on stop.
     state_topic: str | None = None
+    # Builds the state payload (online=True/False); None: the link's own small payload.
+    # The agent supplies docs/protocol.md section 8.1's message here.
+    state_payload: Callable[[bool], bytes] | None = None
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
     max_inflight: int = 100  # QoS 1 messages paho keeps unacknowledged at once
@@ -246,6 +249,8 @@ class MqttLink:
         return context
 
     def _state_payload(self, *, online: bool) -> bytes:
+        if self.options.state_payload is not None:
+            return self.options.state_payload(online)
         body = {"online": online, "client_id": self.options.client_id,
                 "timestamp": int(time.time() * 1000)}
         return json.dumps(body, separators=(",", ":")).encode()

@@ -283,6 +283,14 @@ class ModelTelemetry:
             if self.drift is not None and outputs is not None:
                 self.drift.observe_outputs(outputs)
 
+    def observe(self, x: np.ndarray, outputs: Mapping[str, np.ndarray]) -> None:
+        """Feed drift only (rows and latency recorded elsewhere): lets a caller batch the
+        histogram updates of many small inference calls into one."""
+        with self._lock:
+            if self.drift is not None:
+                self.drift.observe(x)
+                self.drift.observe_outputs(outputs)
+
     def record_error(self, kind: str, count: int = 1) -> None:
         with self._lock:
             self.errors[kind] += count

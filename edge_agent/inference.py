@@ -1,0 +1,483 @@
+"""Sensor messages in, predictions out: the agent's inference path.
+
+Paho's network thread only calls ``InferenceEngine.submit`` (an enqueue); the
+``MicroBatcher`` worker does the rest for every batch: parse each payload
+(``inputs.parse_payload``), pick the model fields (``FieldMapping``), apply the MLflow
+signature (``Signature.enforce``: by name, missing rejected, extras ignored, safe casts
+only), run all good rows of one model in ONE ``session.run``, split the outputs back per
+message and store one prediction per input message in the outbox with ONE ``put_many``
+(one fsync per micro-batch, not per message).
+
+The model a batch runs on is read once, under the lock, at the start of the batch: a
+swap (``install``) between two batches is atomic, so no message is dropped or answered
+by a half-loaded model. The new ``LoadedModel`` is fully built (session, signature,
+drift monitor) before it is installed.
+
+Prediction payload (docs/protocol.md section 8.4): device, model, version, variant,
+sha256, a per-device ``seq`` (``SeqCounter``, monotonic across restarts), the source
+message's topic/id/ts, ``latency_ms`` (the inference call) and ``outputs`` (one entry
+per good row; ``label`` mapped to ``classes`` when the manifest has them).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edge_agent.batching import MicroBatcher
+from edge_agent.config import AgentConfig, ModelConfig
+from edge_agent.errors import InferenceError, InputError, RuntimeLoadError
+from edge_agent.fsio import FileSystem
+from edge_agent.health import HealthWindow
+from edge_agent.inputs import FieldMapping, Row, parse_payload
+from edge_agent.protocol.manifest import Manifest
+from edge_agent.runtime import Session, load_session
+from edge_agent.schema import Signature
+from edge_agent.store import ActiveModel
+from edge_agent.telemetry import DriftMonitor, Telemetry
+from edge_agent.update_errors import InputsMismatch, ModelLoadFailed
+
+__all__ = [
+    "Answer",
+    "InferenceEngine",
+    "Inferred",
+    "LoadedModel",
+    "SeqCounter",
+    "infer",
+    "load_model",
+    "topic_matches",
+]
+
+log = logging.getLogger(__name__)
+
+# Error sink: (kind, message fields) -> None; the agent rate-limits and publishes.
+ErrorSink = Callable[[str, dict[str, Any]], None]
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT filter matching (``+`` one level, ``#`` the rest), without importing paho."""
+    p_levels, t_levels = pattern.split("/"), topic.split("/")
+    for i, level in enumerate(p_levels):
+        if level == "#":
+            return True
+        if i >= len(t_levels) or (level not in ("+", t_levels[i])):
+            return False
+    return len(p_levels) == len(t_levels)
+
+
+@dataclass
+class LoadedModel:
+    """Everything needed to answer messages with one model version, built before use."""
+
+    name: str
+    sha256: str
+    manifest: Manifest
+    session: Session
+    signature: Signature
+    fields: FieldMapping
+    drift: DriftMonitor | None
+    health: HealthWindow | None = None
+    health_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def describe(self) -> dict[str, Any]:
+        m = self.manifest
+        return {"model": m.model, "version": m.version, "variant": m.variant, "sha256": self.sha256}
+
+
+def load_model(active: ActiveModel, config: ModelConfig, *, threads: int) -> LoadedModel:
+    """Load a session and its signature and drift state (``ModelLoadFailed`` /
+    ``InputsMismatch`` when the model cannot serve this device)."""
+    manifest = active.manifest
+    try:
+        session = load_session(active.model_path, manifest.runtime, threads=threads)
+    except RuntimeLoadError as exc:
+        raise ModelLoadFailed(str(exc)) from exc
+    signature = _signature(manifest)
+    drift = None
+    if manifest.baseline:
+        try:
+            drift = DriftMonitor(manifest.baseline, manifest.feature_names)
+        except RuntimeLoadError as exc:  # a bad baseline loses drift figures, not serving
+            log.warning("model %s: no drift monitoring: %s", manifest.model, exc)
+    optional = [c.name for c in signature.columns if not c.required]
+    return LoadedModel(
+        name=manifest.model,
+        sha256=active.sha256,
+        manifest=manifest,
+        session=session,
+        signature=signature,
+        fields=FieldMapping(config.fields, optional=optional),
+        drift=drift,
+    )
+
+
+def _signature(manifest: Manifest) -> Signature:
+    names = list(manifest.feature_names)
+    raw = manifest.signature or {
+        "inputs": [{"name": n, "type": "double", "required": True} for n in names]
+    }
+    try:
+        signature = Signature.from_dict(raw, feature_names=names)
+    except RuntimeLoadError as exc:
+        raise InputsMismatch(str(exc)) from exc
+    if list(signature.feature_names) != names:
+        # X is built in signature order; the model takes feature_names order.
+        raise InputsMismatch(
+            f"signature inputs {list(signature.feature_names)} differ from the model's "
+            f"feature order {names}"
+        )
+    return signature
+
+
+class SeqCounter:
+    """A per-device prediction sequence number, monotonic across restarts.
+
+    Blocks of ``block`` numbers are reserved on disk (one atomic write per block, not
+    per prediction); after a restart counting resumes above the last reservation, so
+    numbers can skip but never repeat or go back.
+    """
+
+    def __init__(self, path: Path, *, fs: FileSystem, block: int = 10_000) -> None:
+        self.path = path
+        self._fs = fs
+        self._block = block
+        try:
+            start = int(path.read_text().strip()) if path.exists() else 0
+        except ValueError:
+            start = 0  # a torn file cannot happen with atomic_write; be safe anyway
+        self._next = start
+        self._reserved = start
+        self._lock = threading.Lock()
+
+    def take(self, count: int = 1) -> int:
+        """Reserve ``count`` consecutive numbers; returns the first."""
+        with self._lock:
+            first = self._next
+            self._next += count
+            if self._next > self._reserved:
+                self._reserved = self._next + self._block
+                self._fs.atomic_write(self.path, f"{self._reserved}\n".encode())
+            return first
+
+
+@dataclass
+class Answer:
+    """The outcome for one input message."""
+
+    topic: str
+    meta: dict[str, Any]  # source id / ts
+    outputs: dict[str, list[Any]] | None  # None: every row was bad
+    rows: list[int]  # indices of the answered rows in the message
+    errors: list[InputError]
+    latency_ms: float
+
+
+@dataclass
+class Inferred:
+    """One session call over several messages."""
+
+    answers: list[Answer]
+    nan_rows: int  # rows whose outputs hold NaN or infinity
+    failed: int  # rows lost to an inference error
+    x: np.ndarray
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass
+class _Item:
+    topic: str
+    payload: bytes
+    received: float  # monotonic
+
+
+def _source_meta(rows: Sequence[Row]) -> dict[str, Any]:
+    ids = [r.id for r in rows]
+    tss = [r.ts for r in rows]
+    meta: dict[str, Any] = {}
+    if any(i is not None for i in ids):
+        meta["id"] = ids[0] if len(set(map(str, ids))) == 1 else ids
+    if any(t is not None for t in tss):
+        meta["ts"] = tss[0] if len(set(map(str, tss))) == 1 else tss
+    return meta
+
+
+def infer(loaded: LoadedModel, messages: Sequence[tuple[str, Sequence[Row]]]) -> Inferred:
+    """Run the rows of several messages in one session call; one Answer per message."""
+    feature_rows: list[dict[str, Any]] = []
+    owner: list[tuple[int, int]] = []  # (message index, row index in message)
+    errors: list[list[InputError]] = [[] for _ in messages]
+    for m, (_topic, rows) in enumerate(messages):
+        good, indices, bad = loaded.fields.extract_rows(rows)
+        feature_rows.extend(good)
+        owner.extend((m, i) for i in indices)
+        errors[m].extend(e for _i, e in bad)
+    enforced = loaded.signature.enforce(feature_rows)
+    for position, exc in enforced.errors:
+        errors[owner[position][0]].append(exc)
+    outputs: dict[str, np.ndarray] = {}
+    latency_ms = 0.0
+    failed = 0
+    nan_rows = 0
+    if len(enforced.x):
+        started = time.perf_counter()
+        try:
+            outputs = loaded.session.run(np.ascontiguousarray(enforced.x, dtype=np.float32))
+        except InferenceError as exc:
+            failed = len(enforced.x)
+            for position in enforced.rows.tolist():
+                errors[owner[position][0]].append(InputError(str(exc), kind="inference"))
+            outputs = {}
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        nan_rows = _non_finite_rows(outputs)
+    per_message: list[list[int]] = [[] for _ in messages]  # positions in x
+    for x_index, position in enumerate(enforced.rows.tolist()):
+        per_message[owner[position][0]].append(x_index)
+    answers = []
+    for m, (topic, rows) in enumerate(messages):
+        picks = per_message[m] if outputs else []
+        out = _slice(loaded, outputs, picks) if picks else None
+        answered = [owner[enforced.rows[i]][1] for i in picks]
+        answers.append(Answer(topic, _source_meta(rows), out, answered, errors[m], latency_ms))
+    return Inferred(answers, nan_rows, failed, enforced.x, outputs)
+
+
+def _non_finite_rows(outputs: Mapping[str, np.ndarray]) -> int:
+    bad: np.ndarray | None = None
+    for value in outputs.values():
+        arr = np.asarray(value)
+        if arr.dtype.kind != "f" or arr.ndim == 0:
+            continue
+        rows = ~np.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1)
+        bad = rows if bad is None else bad | rows
+    return int(bad.sum()) if bad is not None else 0
+
+
+def _slice(
+    loaded: LoadedModel, outputs: Mapping[str, np.ndarray], picks: list[int]
+) -> dict[str, list[Any]]:
+    classes = loaded.manifest.classes
+    out: dict[str, list[Any]] = {}
+    for name, value in outputs.items():
+        part = np.asarray(value)[picks]
+        if name == "label" and classes is not None:
+            out[name] = [
+                classes[i] if 0 <= i < len(classes) else i for i in part.astype(np.int64).tolist()
+            ]
+        elif part.dtype.kind == "f" and not np.isfinite(part).all():
+            out[name] = _finite_or_none(part.tolist())  # JSON has no NaN
+        else:
+            out[name] = part.tolist()
+    return out
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    return value if not isinstance(value, float) or math.isfinite(value) else None
+
+
+class InferenceEngine:
+    """Routes sensor messages to models, micro-batches them and stores predictions."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        store_predictions: Callable[[list[tuple[str, bytes]]], None],
+        seq: SeqCounter,
+        telemetry: Telemetry,
+        on_error: ErrorSink,
+        prediction_topic: str,
+    ) -> None:
+        self.config = config
+        self._store = store_predictions
+        self._seq = seq
+        self._telemetry = telemetry
+        self._on_error = on_error
+        self._prediction_topic = prediction_topic
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+        self._routes = [(t, m.name) for m in config.models for t in m.input_topics]
+        self._output_topics = {m.name: m.output_topic or prediction_topic for m in config.models}
+        self.unrouted = 0
+        self._drift = _DriftBuffer(telemetry)
+        self.answered = 0
+        self._batcher: MicroBatcher[_Item] = MicroBatcher(
+            self._run_batch,
+            window_ms=config.batching.window_ms,
+            max_rows=config.batching.max_rows,
+        )
+
+    # ---- models -----------------------------------------------------------------
+
+    def install(self, loaded: LoadedModel) -> LoadedModel | None:
+        """Swap the serving model of ``loaded.name``; returns the previous one."""
+        self._telemetry.model(loaded.name, drift=loaded.drift)
+        with self._lock:
+            previous = self._models.get(loaded.name)
+            self._models[loaded.name] = loaded
+        return previous
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._models.pop(name, None)
+
+    def current(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            return self._models.get(name)
+
+    def serving(self) -> dict[str, LoadedModel]:
+        with self._lock:
+            return dict(self._models)
+
+    # ---- input ------------------------------------------------------------------
+
+    def input_filters(self) -> list[str]:
+        return sorted({t for t, _m in self._routes})
+
+    def submit(self, topic: str, payload: bytes) -> None:
+        """Called on the MQTT network thread: enqueue only."""
+        if not self._batcher.submit(_Item(topic, payload, time.monotonic())):
+            self._on_error("overload", {"topic": topic, "reason": "input queue is full"})
+
+    def start(self) -> None:
+        self._batcher.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._batcher.stop(timeout)
+
+    def pending(self) -> int:
+        return self._batcher.pending()
+
+    # ---- the batch worker -------------------------------------------------------
+
+    def _run_batch(self, items: list[_Item]) -> None:
+        by_model: dict[str, list[tuple[_Item, list[Row]]]] = {}
+        limit = self.config.limits.max_payload_bytes
+        for item in items:
+            names = [m for t, m in self._routes if topic_matches(t, item.topic)]
+            if not names:
+                self.unrouted += 1
+                self._on_error(
+                    "unknown_topic", {"topic": item.topic, "reason": "no model reads this topic"}
+                )
+                continue
+            try:
+                rows = parse_payload(item.payload, max_bytes=limit)
+            except InputError as exc:
+                for name in names:
+                    self._telemetry.model(name).record_error(exc.kind)
+                self._on_error(exc.kind, _error_fields(exc, item.topic, names[0]))
+                continue
+            for name in names:
+                by_model.setdefault(name, []).append((item, rows))
+        out: list[tuple[str, bytes]] = []
+        after: list[Callable[[], None]] = []
+        for name, messages in by_model.items():
+            out.extend(self._answer(name, messages, after))
+        if out:
+            self._store(out)
+            self.answered += len(out)
+        for step in after:  # bookkeeping (drift histograms) off the latency path
+            step()
+
+    def _answer(
+        self, name: str, messages: list[tuple[_Item, list[Row]]], after: list[Callable[[], None]]
+    ) -> list[tuple[str, bytes]]:
+        loaded = self.current(name)  # read once: a swap cannot split a batch
+        stats = self._telemetry.model(name)
+        if loaded is None:
+            stats.record_error("no_model", len(messages))
+            self._on_error(
+                "no_model",
+                {
+                    "model": name,
+                    "topic": messages[0][0].topic,
+                    "reason": "no model version is installed yet",
+                },
+            )
+            return []
+        result = infer(loaded, [(i.topic, r) for i, r in messages])
+        answers = result.answers
+        good_rows = sum(len(a.rows) for a in answers)
+        latency = answers[0].latency_ms if answers else 0.0
+        if good_rows:
+            stats.record_batch(good_rows, latency)
+            after.append(lambda: self._drift.add(name, result.x, result.outputs))
+        if loaded.health is not None and (good_rows or result.failed):
+            with loaded.health_lock:
+                loaded.health.record(
+                    rows=good_rows,
+                    errors=result.failed,
+                    nan_rows=result.nan_rows,
+                    latency_ms=latency,
+                )
+        topic = self._output_topics[name]
+        answered = [a for a in answers if a.outputs is not None]
+        first = self._seq.take(len(answered)) if answered else 0
+        out = []
+        for answer in answers:
+            for exc in answer.errors:
+                stats.record_error(exc.kind)
+                self._on_error(exc.kind, _error_fields(exc, answer.topic, name))
+            if answer.outputs is None:
+                continue
+            body = {
+                "ts": time.time(),
+                "device": self.config.device_id,
+                **loaded.describe(),
+                "seq": first,
+                "source": {"topic": answer.topic, **answer.meta},
+                "latency_ms": round(answer.latency_ms, 4),
+                "rows": len(answer.rows),
+                "outputs": answer.outputs,
+            }
+            if answer.errors:
+                body["rejected_rows"] = len(answer.errors)
+            first += 1
+            out.append((topic, json.dumps(body, separators=(",", ":")).encode()))
+        return out
+
+
+class _DriftBuffer:
+    """Collects inputs/outputs of small inference calls and feeds the drift histograms in
+    bulk: one histogram update costs about the same for 1 row as for 500."""
+
+    def __init__(self, telemetry: Telemetry, *, max_rows: int = 512, max_age_s: float = 1.0):
+        self._telemetry = telemetry
+        self._max_rows = max_rows
+        self._max_age_s = max_age_s
+        self._parts: dict[str, list[tuple[np.ndarray, Mapping[str, np.ndarray]]]] = {}
+        self._rows = 0
+        self._since = time.monotonic()
+
+    def add(self, name: str, x: np.ndarray, outputs: Mapping[str, np.ndarray]) -> None:
+        self._parts.setdefault(name, []).append((x, outputs))
+        self._rows += len(x)
+        if self._rows >= self._max_rows or time.monotonic() - self._since > self._max_age_s:
+            self.flush()
+
+    def flush(self) -> None:
+        parts, self._parts = self._parts, {}
+        self._rows, self._since = 0, time.monotonic()
+        for name, batches in parts.items():
+            x = np.concatenate([b[0] for b in batches])
+            names = set.intersection(*(set(b[1]) for b in batches))
+            outputs = {n: np.concatenate([np.asarray(b[1][n]) for b in batches]) for n in names}
+            self._telemetry.model(name).observe(x, outputs)
+
+
+def _error_fields(exc: InputError, topic: str, model: str) -> dict[str, Any]:
+    fields: dict[str, Any] = {"model": model, "topic": topic, "reason": exc.reason}
+    if exc.field is not None:
+        fields["field"] = exc.field
+    return fields

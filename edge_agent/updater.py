@@ -1,0 +1,667 @@
+"""The update state machine: a retained manifest in, a verified model serving out.
+
+One ``Updater`` thread owns the ``ModelStore`` and does all disk writes; paho's network
+thread only enqueues (manifests, chunks, commands). One update runs at a time; a
+manifest arriving meanwhile waits (the newest per stream wins).
+
+States of the current update (each entry is an ``update`` event and the ``update``
+member of the device state)::
+
+    idle ─▶ checking ──refused──────────────────────────────────────────▶ idle
+               │ accepted (signature, target, expiry, sequence, size, variant)
+               ▼
+           downloading ──deadline / bad chunk──────────────────────────▶ idle
+               │ every chunk verified and written
+               ▼
+           verifying (ChunkAssembler.finish: size + sha256 from disk) ──▶ idle
+               ▼
+           installing (store.install: files into place, no ONNX external data)
+               ▼
+           loading (load_session) ──ModelLoadFailed──▶ mark bad ───────▶ idle
+               ▼
+           smoke_test (golden pairs, inputs fit the field mapping) ─▶ mark bad ▶ idle
+               ▼
+           activating (store.activate: sequence + pointer in one atomic write,
+                       then the in-memory swap under the engine's lock) ─▶ idle
+
+After activation the model is *watched*: its ``HealthWindow`` (config ``[health]``)
+judges errors, NaN outputs and latency; a failed window rolls back
+(``store.rollback``, reload the previous version, swap back, mark the bad one,
+event ``rolled_back``). A refused valid-but-bad model has its sequence recorded so the
+same retained manifest is not retried; a newer manifest clears the mark.
+
+Undeploy (registry_sync's signed form: ``"undeployed": true`` and
+``"on_undeploy": "keep" | "stop"`` as extra signed fields of a normal manifest): after
+the usual trust checks the sequence is recorded, the model is reported with
+``desired: false`` in ``state`` and kept serving unless ``on_undeploy`` is ``stop``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import importlib.util
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from edge_agent.config import AgentConfig, ModelConfig
+from edge_agent.errors import AgentError, UpdateRejected
+from edge_agent.fsio import FileSystem
+from edge_agent.health import HealthWindow
+from edge_agent.inference import InferenceEngine, LoadedModel, load_model
+from edge_agent.mqtt import Message
+from edge_agent.protocol.chunks import ChunkAssembler, hash_file
+from edge_agent.protocol.ed25519 import PublicKey
+from edge_agent.protocol.manifest import Limits as ManifestLimits
+from edge_agent.protocol.manifest import Manifest, decode_envelope
+from edge_agent.protocol.topics import TopicError, Topics
+from edge_agent.smoke import check_golden, check_inputs_fit
+from edge_agent.store import ActiveModel, ModelStore, StoreError, describe_state
+from edge_agent.update.trust import Accepted, Device, Policy, check_manifest
+from edge_agent.update_errors import (
+    DownloadTimeout,
+    DuplicateChunk,
+    UnexpectedChunk,
+    WrongTarget,
+)
+
+__all__ = ["TRANSITIONS", "State", "Updater", "runtime_installed"]
+
+log = logging.getLogger(__name__)
+
+Emit = Callable[..., None]  # emit(kind, code, message, **context)
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    CHECKING = "checking"
+    DOWNLOADING = "downloading"
+    VERIFYING = "verifying"
+    INSTALLING = "installing"
+    LOADING = "loading"
+    SMOKE_TEST = "smoke_test"
+    ACTIVATING = "activating"
+
+
+TRANSITIONS: Mapping[State, frozenset[State]] = {
+    State.IDLE: frozenset({State.CHECKING}),
+    State.CHECKING: frozenset({State.IDLE, State.DOWNLOADING, State.VERIFYING}),
+    State.DOWNLOADING: frozenset({State.IDLE, State.VERIFYING}),
+    State.VERIFYING: frozenset({State.IDLE, State.INSTALLING}),
+    State.INSTALLING: frozenset({State.IDLE, State.LOADING}),
+    State.LOADING: frozenset({State.IDLE, State.SMOKE_TEST}),
+    State.SMOKE_TEST: frozenset({State.IDLE, State.ACTIVATING}),
+    State.ACTIVATING: frozenset({State.IDLE}),
+}
+
+_RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "tflite": ("ai_edge_litert", "tflite_runtime")}
+
+
+def runtime_installed(runtime: str) -> bool:
+    """Whether a runtime's package is importable (checked without importing it)."""
+    return any(importlib.util.find_spec(m) is not None for m in _RUNTIME_MODULES.get(runtime, ()))
+
+
+class Link(Protocol):
+    """What the updater needs from ``MqttLink``."""
+
+    def subscribe(
+        self, topic_filter: str, handler: Callable[[Message], None], qos: int = 1
+    ) -> None: ...
+
+    def unsubscribe(self, topic_filter: str) -> None: ...
+
+
+@dataclass
+class _Job:
+    """The update in progress."""
+
+    accepted: Accepted
+    raw: bytes
+    digest: str
+    deadline: float  # monotonic
+    assemblers: list[ChunkAssembler] = field(default_factory=list)
+    by_chunk: dict[str, list[ChunkAssembler]] = field(default_factory=dict)
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.accepted.manifest
+
+    def missing(self) -> set[str]:
+        return {cid for a in self.assemblers for cid in a.missing}
+
+
+class Updater:
+    """Owns the store; runs updates, health watches, rollbacks and commands."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        store: ModelStore,
+        fs: FileSystem,
+        keys: Mapping[str, PublicKey],
+        engine: InferenceEngine,
+        topics: Topics,
+        emit: Emit,
+        on_state_change: Callable[[], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self._fs = fs
+        self._keys = keys
+        self._engine = engine
+        self._topics = topics
+        self._emit = emit
+        self._on_state_change = on_state_change
+        self._clock = clock
+        self._device = Device(config.device_id, frozenset(config.groups), config.device_class)
+        self._policy = Policy(
+            max_model_bytes=config.limits.max_model_bytes, limits=ManifestLimits()
+        )
+        self._models = {m.name: m for m in config.models}
+        self._link: Link | None = None
+        self._queue: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._pending: dict[tuple[str, str], bytes] = {}  # newest manifest per stream
+        self._settled: set[str] = set()  # digests already handled: skip re-sends silently
+        self._job: _Job | None = None
+        self._watching: dict[str, LoadedModel] = {}
+        self._undeployed = _UndeployedFile(config.state_dir / "undeployed.json", fs)
+        self.state = State.IDLE
+        self.history: list[tuple[State, State]] = []
+        self.snapshot: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refresh_snapshot()
+
+    # ---- start-up: serve from disk before any network -----------------------------
+
+    def load_active(self) -> list[str]:
+        """Load every configured model's active version from the store; returns the
+        names now serving. A version that no longer loads is rolled back past."""
+        serving = []
+        for name, model_config in self._models.items():
+            if self._undeployed.stops(name):
+                continue
+            loaded = self._load_with_fallback(name, model_config)
+            if loaded is not None:
+                self._engine.install(loaded)
+                serving.append(name)
+        self._refresh_snapshot()
+        return serving
+
+    def _load_with_fallback(self, name: str, model_config: ModelConfig) -> LoadedModel | None:
+        active = self.store.active(name)
+        while active is not None:
+            try:
+                return self._load(active, model_config)
+            except UpdateRejected as exc:
+                log.error(
+                    "model %s %s does not load (%s); rolling back", name, active.sha256[:12], exc
+                )
+                active = self.store.rollback(name, mark_bad=True)
+        return None
+
+    def _load(self, active: ActiveModel, model_config: ModelConfig) -> LoadedModel:
+        loaded = load_model(active, model_config, threads=self.config.runtime_threads)
+        check_inputs_fit(loaded.session, active.manifest, model_config.fields)
+        return loaded
+
+    # ---- threads ------------------------------------------------------------------
+
+    def attach(self, link: Link) -> None:
+        """Subscribe to this device's manifests and commands (renewed on reconnect)."""
+        self._link = link
+        for group in self.config.groups:
+            link.subscribe(self._topics.manifests_filter(group), self._on_manifest_message)
+        link.subscribe(self._topics.cmd(self.config.device_id), self._on_cmd_message)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def status(self) -> dict[str, Any]:
+        job = self._job
+        out: dict[str, Any] = {"state": self.state.value, "watching": sorted(self._watching)}
+        if job is not None:
+            out |= {
+                "model": job.manifest.model,
+                "version": job.manifest.version,
+                "sequence": job.manifest.sequence,
+                "missing_chunks": len(job.missing()),
+            }
+        return out
+
+    # network thread: enqueue only
+    def _on_manifest_message(self, message: Message) -> None:
+        self._queue.put(("manifest", message))
+
+    def _on_chunk_message(self, message: Message) -> None:
+        self._queue.put(("chunk", message))
+
+    def _on_cmd_message(self, message: Message) -> None:
+        self._queue.put(("cmd", message))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                kind, item = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                kind, item = "tick", None
+            try:
+                self._dispatch(kind, item)
+                self._tick()
+            except Exception:  # one bad message must not end updates for good
+                log.exception("updater step %s failed", kind)
+                self._abandon()
+
+    def _dispatch(self, kind: str, item: Any) -> None:
+        if kind == "manifest":
+            self._on_manifest(item)
+        elif kind == "chunk":
+            self._on_chunk(item)
+        elif kind == "cmd":
+            self._on_cmd(item)
+
+    def _tick(self) -> None:
+        job = self._job
+        if job is not None and time.monotonic() > job.deadline:
+            missing = len(job.missing())
+            deadline_s = self.config.limits.update_deadline_s
+            self._fail(DownloadTimeout(f"{missing} chunk(s) still missing after {deadline_s:g}s"))
+        self._check_health()
+        if self._job is None and self._pending:
+            (group, model), raw = next(iter(self._pending.items()))
+            del self._pending[(group, model)]
+            self._start_update(group, model, raw)
+
+    # ---- state ----------------------------------------------------------------------
+
+    def _enter(self, state: State) -> None:
+        if state not in TRANSITIONS[self.state]:
+            raise AgentError(f"update state {self.state.value} -> {state.value} is not allowed")
+        self.history.append((self.state, state))
+        del self.history[:-64]
+        self.state = state
+
+    def _refresh_snapshot(self) -> None:
+        models = describe_state(self.store)
+        for name, entry in models.items():
+            entry["desired"] = not self._undeployed.has(name)
+            entry["serving"] = self._engine.current(name) is not None
+        self.snapshot = models
+
+    def _event(
+        self,
+        code: str,
+        message: str,
+        manifest: Manifest | None = None,
+        group: str | None = None,
+        kind: str = "update",
+        **extra: Any,
+    ) -> None:
+        context: dict[str, Any] = dict(extra)
+        if manifest is not None:
+            context |= {
+                "model": manifest.model,
+                "version": manifest.version,
+                "sequence": manifest.sequence,
+                "sha256": manifest.model_sha256,
+            }
+        if group is not None:
+            context["group"] = group
+        context["state"] = self.state.value
+        self._emit(kind, code, message, **context)
+
+    # ---- manifests ------------------------------------------------------------------
+
+    def _on_manifest(self, message: Message) -> None:
+        try:
+            parsed = self._topics.parse(message.topic)
+        except TopicError:
+            return
+        group, model = parsed.group, parsed.model
+        if group is None or model is None or model not in self._models:
+            return  # another model of the group: not ours to run
+        if not message.payload:
+            return  # a cleared retained topic; undeploy is a signed manifest, not this
+        digest = _digest(message.payload)
+        active = self.store.active(model)
+        if digest is not None and (
+            digest in self._settled or (active is not None and active.manifest.digest == digest)
+        ):
+            return  # the broker re-sends retained manifests on every (re)subscribe
+        job = self._job
+        if job is not None:
+            if job.digest != digest:
+                self._pending[(group, model)] = message.payload
+            return
+        self._start_update(group, model, message.payload)
+
+    def _start_update(self, group: str, model: str, raw: bytes) -> None:
+        digest = _digest(raw) or ""
+        self._enter(State.CHECKING)
+        try:
+            accepted = check_manifest(
+                raw,
+                group=group,
+                model=model,
+                state=self.store.trusted_state(self._keys),
+                device=self._device,
+                now=self._clock(),
+                policy=self._policy,
+            )
+            self._check_variant(accepted.manifest)
+        except UpdateRejected as exc:
+            self._settled.add(digest)
+            self._event(exc.code, str(exc), group=group, model=model)
+            self._enter(State.IDLE)
+            return
+        manifest = accepted.manifest
+        if manifest.extra.get("undeployed") is True:
+            self._undeploy(accepted, digest)
+            return
+        self._event("accepted", f"{model} version {manifest.version} accepted", manifest, group)
+        self._job = _Job(
+            accepted, raw, digest, deadline=time.monotonic() + self.config.limits.update_deadline_s
+        )
+        self._begin_download(self._job)
+
+    def _check_variant(self, manifest: Manifest) -> None:
+        if manifest.variant not in self.config.variants:
+            raise WrongTarget(
+                f"variant {manifest.variant!r} is not in this device's "
+                f"runtime.variants {list(self.config.variants)}"
+            )
+        if not runtime_installed(manifest.runtime):
+            raise WrongTarget(f"runtime {manifest.runtime!r} is not installed on this device")
+
+    def _begin_download(self, job: _Job) -> None:
+        manifest = job.manifest
+        for entry in manifest.files:
+            final = self.store.models_dir / manifest.model_sha256 / entry.path
+            if final.is_file() and hash_file(final) == (entry.size, entry.sha256):
+                continue  # already installed (same model, new metadata)
+            assembler = ChunkAssembler(entry, self.store.partial_path(manifest, entry), self._fs)
+            job.assemblers.append(assembler)
+            for cid in entry.chunks:
+                job.by_chunk.setdefault(cid, []).append(assembler)
+        if not job.by_chunk:
+            self._enter(State.VERIFYING)
+            self._complete(job)
+            return
+        self._enter(State.DOWNLOADING)
+        self._refresh_snapshot()
+        self._on_state_change()
+        if self._link is not None:
+            for cid in sorted(job.by_chunk):
+                self._link.subscribe(self._topics.chunk(cid), self._on_chunk_message)
+
+    # ---- chunks ---------------------------------------------------------------------
+
+    def _on_chunk(self, message: Message) -> None:
+        job = self._job
+        try:
+            cid = self._topics.parse(message.topic).sha256
+        except TopicError:
+            return
+        if job is None or cid is None or cid not in job.by_chunk:
+            return  # a late re-send for a finished or abandoned download
+        try:
+            for assembler in job.by_chunk[cid]:
+                with contextlib.suppress(DuplicateChunk):
+                    assembler.add(message.payload, announced=cid)
+        except UpdateRejected as exc:
+            if isinstance(exc, UnexpectedChunk) and not isinstance(exc, DuplicateChunk):
+                return  # cannot happen for a subscribed id; ignore rather than abort
+            self._fail(exc)
+            return
+        if self._link is not None:
+            self._link.unsubscribe(self._topics.chunk(cid))
+        if all(a.complete for a in job.assemblers):
+            self._enter(State.VERIFYING)
+            self._complete(job)
+
+    # ---- verify, install, load, smoke test, activate --------------------------------
+
+    def _complete(self, job: _Job) -> None:
+        manifest = job.manifest
+        group = job.accepted.group
+        try:
+            for assembler in job.assemblers:
+                assembler.finish()
+            self._enter(State.INSTALLING)
+            self.store.install(job.raw, manifest)
+        except (UpdateRejected, StoreError) as exc:
+            self._fail(exc)
+            return
+        self._event(
+            "installed", f"{manifest.model} version {manifest.version} installed", manifest, group
+        )
+        model_config = self._models[manifest.model]
+        active = ActiveModel(
+            manifest.model_sha256, self.store.models_dir / manifest.model_sha256, manifest
+        )
+        try:
+            self._enter(State.LOADING)
+            loaded = load_model(active, model_config, threads=self.config.runtime_threads)
+            self._enter(State.SMOKE_TEST)
+            check_golden(loaded.session, manifest)
+            check_inputs_fit(loaded.session, manifest, model_config.fields)
+        except UpdateRejected as exc:
+            # A valid but bad model: never retried until a newer manifest names it.
+            self.store.mark_bad(manifest.model_sha256, manifest.issued_at)
+            self.store.record_sequence(group, manifest.model, manifest.sequence, manifest.issued_at)
+            self._fail(exc, settle=True)
+            return
+        self._enter(State.ACTIVATING)
+        self._activate(job, loaded)
+
+    def _activate(self, job: _Job, loaded: LoadedModel) -> None:
+        manifest = job.manifest
+        self.store.activate(job.accepted)  # persisted first: sequence + pointer, atomic
+        self._undeployed.clear(manifest.model)
+        h = self.config.health
+        loaded.health = HealthWindow(
+            time.monotonic(), h.window_s, h.max_error_rate, h.latency_budget_ms
+        )
+        self._engine.install(loaded)  # then the in-memory swap, under the engine's lock
+        self._watching[manifest.model] = loaded
+        self._settled.add(job.digest)
+        self._job = None
+        self._event(
+            "activated",
+            f"{manifest.model} version {manifest.version} is serving",
+            manifest,
+            job.accepted.group,
+        )
+        self._enter(State.IDLE)
+        self._refresh_snapshot()
+        self._on_state_change()
+
+    def _fail(self, exc: AgentError, *, settle: bool = False) -> None:
+        job = self._job
+        if job is None:
+            return
+        code = getattr(exc, "code", "store_error")
+        self._event(code, str(exc), job.manifest, job.accepted.group)
+        if settle:
+            self._settled.add(job.digest)
+        self._abandon()
+        self._refresh_snapshot()
+        self._on_state_change()
+
+    def _abandon(self) -> None:
+        """Drop the job: unsubscribe its chunks, delete its partial files."""
+        job, self._job = self._job, None
+        if job is not None:
+            if self._link is not None:
+                for cid in job.missing():
+                    self._link.unsubscribe(self._topics.chunk(cid))
+            for assembler in job.assemblers:
+                if assembler.partial.exists():
+                    with contextlib.suppress(OSError):
+                        self._fs.unlink(assembler.partial)
+        if self.state is not State.IDLE:
+            self.history.append((self.state, State.IDLE))
+            self.state = State.IDLE
+
+    # ---- health windows and rollback ------------------------------------------------
+
+    def _check_health(self) -> None:
+        now = time.monotonic()
+        for name, loaded in list(self._watching.items()):
+            if loaded.health is None:
+                del self._watching[name]
+                continue
+            with loaded.health_lock:
+                verdict, reason = loaded.health.verdict(now)
+            if verdict == "healthy":
+                loaded.health = None
+                del self._watching[name]
+                self._event(
+                    "healthy", f"{name} passed its health window", loaded.manifest, kind="health"
+                )
+            elif verdict == "failed":
+                del self._watching[name]
+                self._rollback(name, reason or "health window failed")
+
+    def _rollback(self, name: str, reason: str) -> LoadedModel | None:
+        """Back to the previous intact version; the abandoned one is marked bad."""
+        current = self._engine.current(name)
+        bad = current.manifest if current is not None else None
+        previous = self.store.rollback(name, mark_bad=True)
+        loaded = None
+        while previous is not None:
+            try:
+                loaded = self._load(previous, self._models[name])
+                break
+            except UpdateRejected:
+                previous = self.store.rollback(name, mark_bad=True)
+        if loaded is not None:
+            self._engine.install(loaded)
+        else:
+            self._engine.remove(name)
+        self._watching.pop(name, None)
+        if bad is not None:
+            self._settled.add(bad.digest)
+        to = loaded.describe() if loaded is not None else None
+        self._event("rolled_back", f"{name}: {reason}", bad, to=to, reason=reason)
+        self._refresh_snapshot()
+        self._on_state_change()
+        return loaded
+
+    # ---- undeploy -------------------------------------------------------------------
+
+    def _undeploy(self, accepted: Accepted, digest: str) -> None:
+        manifest = accepted.manifest
+        self.store.record_sequence(
+            accepted.group, manifest.model, manifest.sequence, manifest.issued_at
+        )
+        stop = manifest.extra.get("on_undeploy") == "stop"
+        self._undeployed.set(manifest.model, stop=stop)
+        if stop:
+            self._engine.remove(manifest.model)
+        self._settled.add(digest)
+        self._event(
+            "undeployed",
+            f"{manifest.model} is no longer desired"
+            + ("; stopped" if stop else "; the last version keeps serving"),
+            manifest,
+            accepted.group,
+            on_undeploy="stop" if stop else "keep",
+        )
+        self._enter(State.IDLE)
+        self._refresh_snapshot()
+        self._on_state_change()
+
+    # ---- commands (docs/protocol.md section 8.5) -----------------------------------
+
+    def _on_cmd(self, message: Message) -> None:
+        try:
+            body = json.loads(message.payload)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            self._emit("cmd", "malformed", "command is not a JSON object")
+            return
+        cmd_id, cmd, model = body.get("id"), body.get("cmd"), body.get("model")
+        code, text = self._command(cmd, model)
+        self._emit("cmd", code, text, id=cmd_id, cmd=cmd, model=model)
+
+    def _command(self, cmd: Any, model: Any) -> tuple[str, str]:
+        if cmd == "report":
+            self._refresh_snapshot()
+            self._on_state_change()
+            return "ok", "state published"
+        if cmd == "resync":
+            self._settled.clear()
+            if self._link is not None:
+                for group in self.config.groups:  # a new SUBSCRIBE re-sends retained ones
+                    self._link.subscribe(
+                        self._topics.manifests_filter(group), self._on_manifest_message
+                    )
+            return "ok", "retained manifests requested again"
+        if cmd == "rollback":
+            return self._cmd_rollback(model)
+        return "unknown_cmd", f"unknown command {cmd!r}"
+
+    def _cmd_rollback(self, model: Any) -> tuple[str, str]:
+        if model not in self._models:
+            return "unknown_model", f"model {model!r} is not configured on this device"
+        if not self.store.history(str(model)):
+            return "no_previous", f"{model} has no previous intact version"
+        loaded = self._rollback(str(model), "rollback command")
+        if loaded is None:
+            return "no_previous", f"{model} has no previous version that loads"
+        return "ok", f"{model} rolled back to version {loaded.manifest.version}"
+
+
+def _digest(raw: bytes) -> str | None:
+    try:
+        return decode_envelope(raw).digest
+    except UpdateRejected:
+        return None
+
+
+class _UndeployedFile:
+    """model -> "keep" | "stop" for models a signed undeploy said are not desired."""
+
+    def __init__(self, path: Path, fs: FileSystem) -> None:
+        self.path = path
+        self._fs = fs
+        try:
+            raw = json.loads(path.read_bytes()) if path.exists() else {}
+        except (OSError, ValueError):
+            raw = {}
+        self._models: dict[str, str] = {str(k): str(v) for k, v in dict(raw).items()}
+
+    def has(self, model: str) -> bool:
+        return model in self._models
+
+    def stops(self, model: str) -> bool:
+        return self._models.get(model) == "stop"
+
+    def set(self, model: str, *, stop: bool) -> None:
+        self._models[model] = "stop" if stop else "keep"
+        self._save()
+
+    def clear(self, model: str) -> None:
+        if self._models.pop(model, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        self._fs.atomic_write(self.path, json.dumps(self._models, sort_keys=True).encode())
