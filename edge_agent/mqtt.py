@@ -203,6 +203,7 @@ class MqttLink:
         self._backoff = Backoff(options.backoff_initial, options.backoff_max)
         self._stop = threading.Event()
         self._generation = 0
+        self._stall_reported = False
         self._beat = time.monotonic()
         self._retry_at = 0.0  # monotonic time of the next connect attempt
         self._thread: threading.Thread | None = None
@@ -385,6 +386,7 @@ class MqttLink:
     # ---- network thread and watchdog ---------------------------------------------
 
     def _start_network_thread(self) -> None:
+        self._stall_reported = False
         self._generation += 1
         self._beat = time.monotonic()
         self._thread = threading.Thread(
@@ -438,14 +440,21 @@ class MqttLink:
     def _watch(self) -> None:
         while not self._stop.wait(self.options.watchdog_interval):
             thread = self._thread
-            dead = thread is None or not thread.is_alive()
-            stalled = time.monotonic() - self._beat > self.options.stall_timeout
-            if dead or stalled:
+            if thread is None or not thread.is_alive():
                 self.stats["loop_restarts"] += 1
-                log.error("MQTT network loop %s; starting a new one",
-                          "died" if dead else "stalled")
-                # A stalled thread notices the new generation when it wakes and exits.
+                log.error("MQTT network loop died; starting a new one")
                 self._start_network_thread()
+                continue
+            stalled = time.monotonic() - self._beat > self.options.stall_timeout
+            if stalled and not self._stall_reported:
+                # A second loop must never run while this one lives: two threads reading
+                # one paho socket corrupt the stream. A loop stuck inside paho or a
+                # handler is reported by healthy(); the agent exits so systemd restarts it.
+                self._stall_reported = True
+                self.stats["loop_stalls"] += 1
+                log.error("MQTT network loop has not beaten for %.1f s", self.options.stall_timeout)
+            elif not stalled:
+                self._stall_reported = False
 
     # ---- paho callbacks (all guarded) ---------------------------------------------
 

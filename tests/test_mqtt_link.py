@@ -140,25 +140,54 @@ def test_callback_exception_does_not_kill_the_loop(broker: MosquittoBroker, link
     assert link.healthy()
 
 
-def test_watchdog_restarts_a_stalled_loop(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+def test_watchdog_reports_a_stalled_loop_and_never_runs_a_second_one(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
     link = links(broker.url, "dev-stall", stall_timeout=0.5, watchdog_interval=0.1)
     link.start(wait=10)
     release = threading.Event()
     real_loop = link._client.loop
     stalled = threading.Event()
+    inside = 0
+    most_inside = 0
+    lock = threading.Lock()
 
-    def stuck_once(timeout: float = 1.0):  # type: ignore[no-untyped-def]
-        if not stalled.is_set():
-            stalled.set()
-            release.wait(30)  # a network loop that stopped making progress
-        return real_loop(timeout)
+    def counted_loop(timeout: float = 1.0):  # type: ignore[no-untyped-def]
+        nonlocal inside, most_inside
+        with lock:
+            inside += 1
+            most_inside = max(most_inside, inside)
+        try:
+            if not stalled.is_set():
+                stalled.set()
+                release.wait(30)  # a network loop stuck inside paho or a handler
+            return real_loop(timeout)
+        finally:
+            with lock:
+                inside -= 1
 
-    link._client.loop = stuck_once  # type: ignore[method-assign]
+    link._client.loop = counted_loop  # type: ignore[method-assign]
     try:
-        assert wait_until(lambda: link.stats["loop_restarts"] >= 1, 10)
-        assert link.publish("t/after-stall", b"x").wait(5)
+        assert wait_until(lambda: link.stats["loop_stalls"] >= 1, 10)
+        assert not link.healthy()
+        assert link.stats["loop_restarts"] == 0
     finally:
         release.set()
+    # once it moves again it is healthy, and no two loops ever ran paho at once
+    assert wait_until(link.healthy, 10)
+    assert link.publish("t/after-stall", b"x").wait(5)
+    assert most_inside == 1
+
+
+def test_watchdog_restarts_a_dead_loop(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+    link = links(broker.url, "dev-dead", watchdog_interval=0.1)
+    link.start(wait=10)
+    thread = link._thread
+    link._generation += 1  # the running loop sees a newer generation and exits: it "dies"
+    assert thread is not None
+    thread.join(5)
+    assert not thread.is_alive()
+    assert wait_until(lambda: link.stats["loop_restarts"] >= 1, 10)
+    assert wait_until(link.healthy, 10)
+    assert link.publish("t/after-death", b"x").wait(5)
 
 
 _WILL_CHILD = textwrap.dedent(
