@@ -100,7 +100,7 @@ def _has_proba(est: Any) -> bool:
 def reference_outputs(model: Any, X: np.ndarray) -> dict[str, np.ndarray]:
     """The canonical outputs computed by scikit-learn on float64 ``X``."""
     task = task_of(model)
-    X = np.asarray(X, dtype=np.float64)
+    X = _with_feature_names(model, np.asarray(X, dtype=np.float64))
     if task == "classifier":
         classes = list(final_estimator(model).classes_)
         labels = model.predict(X)
@@ -120,3 +120,16 @@ def reference_outputs(model: Any, X: np.ndarray) -> dict[str, np.ndarray]:
         "label": np.asarray(model.predict(X), dtype=np.int64),
         "distances": np.asarray(model.transform(X), dtype=np.float64),
     }
+
+
+def _with_feature_names(model: Any, X: np.ndarray) -> Any:
+    """A DataFrame with the training column names when the model was fitted on one.
+
+    scikit-learn warns on every call otherwise; the values are the same either way.
+    """
+    names = getattr(model, "feature_names_in_", None)
+    if names is None or len(names) != X.shape[1]:
+        return X
+    import pandas as pd
+
+    return pd.DataFrame(X, columns=list(names))

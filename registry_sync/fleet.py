@@ -35,6 +35,10 @@ class ModelTelemetry:
     throughput: float | None = None  # rows per second over the last interval
     psi: dict[str, float] = field(default_factory=dict)
     ts: float = 0.0
+    rows_total: int = 0  # the agent's running totals, to derive per-interval figures
+    errors_total: int = 0
+    last_rows: int = 0  # rows and errors in the last telemetry interval
+    last_errors: int = 0
 
 
 @dataclass
@@ -116,26 +120,33 @@ class FleetView:
             rec.active_since.clear()  # "healthy for T seconds" restarts after an outage
 
     def _telemetry(self, rec: DeviceRecord, p: Mapping[str, Any], now: float) -> None:
+        """Fold one telemetry message (docs/protocol.md section 8.3) into the record."""
         interval = float(p.get("interval_s") or 0.0)
+        active = p.get("active") if isinstance(p.get("active"), dict) else {}
         for model, m in (p.get("models") or {}).items():
             if not isinstance(m, dict):
                 continue
-            version = m.get("version")
+            info = active.get(model) if isinstance(active.get(model), dict) else {}
+            version = info.get("version", m.get("version"))
             t = rec.telemetry.get(model)
             if t is None or t.version != version:
                 t = rec.telemetry[model] = ModelTelemetry(version=version)
-            rows, errors = int(m.get("rows") or 0), int(m.get("errors") or 0)
-            t.rows += rows
-            t.errors += errors
+            rows_total = _int(m.get("rows_total"))
+            errors_total = _error_total(m.get("errors_total"))
+            # The agent reports running totals; the interval's share is the difference.
+            t.last_rows = max(0, rows_total - t.rows_total) if t.rows_total else rows_total
+            t.last_errors = max(0, errors_total - t.errors_total) if t.errors_total else 0
+            t.rows_total, t.errors_total = rows_total, errors_total
+            t.rows += t.last_rows
+            t.errors += t.last_errors
             lat = m.get("latency_ms") or {}
             t.p50_ms = _num(lat.get("p50"))
             t.p99_ms = _num(lat.get("p99"))
-            t.throughput = rows / interval if interval > 0 else None
-            t.psi = {
-                str(k): float(v)
-                for k, v in (m.get("psi") or {}).items()
-                if isinstance(v, (int, float))
-            }
+            rate = _num(m.get("rows_per_s"))
+            t.throughput = rate if rate is not None else (
+                t.last_rows / interval if interval > 0 else None
+            )
+            t.psi = _psi(m.get("drift"))
             t.ts = now
 
     def _event(self, rec: DeviceRecord, p: Mapping[str, Any], now: float) -> None:
@@ -152,6 +163,32 @@ class FleetView:
             seen = rec.groups.setdefault(model, [])
             if group not in seen:
                 seen.append(group)
+
+
+def _int(value: Any) -> int:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0
+
+
+def _error_total(value: Any) -> int:
+    if isinstance(value, dict):
+        return sum(_int(v) for v in value.values())
+    return _int(value)
+
+
+def _psi(drift: Any) -> dict[str, float]:
+    """PSI per feature and per output: ``{"vibration": 0.02, "label": 0.01}``."""
+    out: dict[str, float] = {}
+    if not isinstance(drift, dict):
+        return out
+    for section in ("features", "outputs"):
+        entries = drift.get(section)
+        if not isinstance(entries, dict):
+            continue
+        for name, entry in entries.items():
+            psi = entry.get("psi") if isinstance(entry, dict) else None
+            if isinstance(psi, (int, float)) and not isinstance(psi, bool):
+                out[str(name)] = float(psi)
+    return out
 
 
 def _num(value: Any) -> float | None:

@@ -80,8 +80,7 @@ class History:
         """Buffer one telemetry message's metrics for (model, version, device)."""
         if not self.enabled or not isinstance(t.version, int):
             return
-        rows = int(raw.get("rows") or 0)
-        errors = int(raw.get("errors") or 0)
+        rows, errors = t.last_rows, t.last_errors
         metrics: dict[str, float | None] = {
             "latency_p50_ms": t.p50_ms,
             "latency_p99_ms": t.p99_ms,

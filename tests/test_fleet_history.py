@@ -70,21 +70,26 @@ def test_fleet_monitor_writes_history_metrics_and_drift(
         dev.start()
         assert dev.wait_for(lambda d: d.version(name) == 1), dev.rejected
 
-        for psi in (0.05, 0.4):  # the second one crosses the threshold
+        for i, psi in enumerate((0.05, 0.4)):  # the second one crosses the threshold
+            # the agent's telemetry shape, docs/protocol.md section 8.3 (running totals)
             body = {
                 "ts": time.time(),
                 "device": "press-7",
                 "interval_s": 10.0,
                 "models": {
                     name: {
-                        "version": 1,
-                        "rows": 500,
-                        "errors": 1,
-                        "latency_ms": {"p50": 0.4, "p99": 2.5},
-                        "psi": {"vibration": psi, "label": 0.01},
+                        "rows_total": 500 * (i + 1),
+                        "rows_per_s": 50.0,
+                        "errors_total": {"missing_field": i + 1},
+                        "latency_ms": {"count": 500, "p50": 0.4, "p99": 2.5},
+                        "drift": {
+                            "features": {"vibration": {"psi": psi, "rows": 500}},
+                            "outputs": {"label": {"psi": 0.01, "rows": 500}},
+                        },
                     }
                 },
-                "process": {"rss_mb": 70.0, "cpu_pct": 10.0},
+                "active": {name: {"model": name, "version": 1, "variant": "onnx-fp32"}},
+                "process": {"rss_mb": 70.0, "cpu_percent": 10.0},
             }
             telemetry.publish(f"{ROOT}/devices/press-7/telemetry", json.dumps(body), 1).wait(5)
         deadline = time.monotonic() + 10

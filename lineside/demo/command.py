@@ -106,13 +106,12 @@ class Demo:
         self.procs.append(self._spawn("agent", ["agent", "run", "--config", str(agent_cfg)]))
         self.procs.append(self._spawn("sync", ["sync", "run", "--config", str(sync_cfg)]))
         say("ok", "started `lineside agent run` and `lineside sync run`")
-        self.feeder = Feeder(self.broker.url)
-        self.feeder.start()
-        say("ok", "press line publishing sensor messages (3 presses, 40 msg/s)")
-
         self._wait(lambda: self.monitor.active_version(ANOMALY_MODEL) == int(v1)
                    and self.monitor.active_version(QUALITY_MODEL) is not None,
                    60, f"agent pulled, verified and activated {ANOMALY_MODEL} v{v1}")
+        self.feeder = Feeder(self.broker.url)
+        self.feeder.start()
+        say("ok", "press line publishing sensor messages (3 presses, 40 msg/s)")
         self._wait(lambda: self.monitor.predictions[ANOMALY_MODEL] >= 20, 20,
                    "predictions flowing")
         time.sleep(min(5.0, self.duration / 10))
@@ -132,6 +131,8 @@ class Demo:
         remaining = self.duration - (time.monotonic() - self.steps.started)
         time.sleep(max(0.0, min(remaining, 10.0)))
         self._check_nothing_dropped()
+        self._wait(self._history_in_mlflow, 30,
+                   "deployment history and device telemetry recorded in MLflow")
 
     def _check_nothing_dropped(self) -> None:
         assert self.feeder is not None and self.monitor is not None
@@ -146,12 +147,21 @@ class Demo:
             if not missing:
                 break
             time.sleep(0.25)
-        # Messages sent before v1 was active were answered too: the agent subscribed with
-        # a persistent session, and the broker queued them.
         if missing:
             raise DemoFailed(f"{len(missing)} of {len(sent)} sensor messages got no prediction")
         self.steps.say("ok", f"all {len(sent)} sensor messages answered by {ANOMALY_MODEL}, "
-                             "none dropped across two swaps")
+                             "none dropped across the hot swap and the refused update")
+
+    def _history_in_mlflow(self) -> bool:
+        from mlflow import MlflowClient
+
+        client = MlflowClient()
+        tags = client.get_model_version(ANOMALY_MODEL, "2").tags
+        experiment = client.get_experiment_by_name("lineside-deployments")
+        if experiment is None or not any(k.startswith("lineside.deployed.") for k in tags):
+            return False
+        runs = client.search_runs([experiment.experiment_id])
+        return any("latency_p99_ms" in r.data.metrics for r in runs)
 
     # --- pieces -------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ class Monitor:
     anomalies: Counter[str] = field(default_factory=Counter)  # per press
     rows_per_press: Counter[str] = field(default_factory=Counter)
     versions_seen: dict[str, set[int]] = field(default_factory=lambda: defaultdict(set))
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=2000))
     _client: paho.Client | None = None
 
     def start(self) -> None:
@@ -75,23 +76,24 @@ class Monitor:
     def _prediction(self, payload: dict[str, Any]) -> None:
         model = str(payload.get("model"))
         source = payload.get("source") or {}
-        ids = source.get("ids") if isinstance(source, dict) else None
-        ident = source.get("id") if isinstance(source, dict) else None
-        outputs = payload.get("outputs") or {}
-        labels = outputs.get("label")
+        ident = source.get("id")
+        press = str(source.get("topic", "")).split("/")[-2:-1] or [""]
+        labels = (payload.get("outputs") or {}).get("label")
         with self.lock:
             self.predictions[model] += 1
             version = payload.get("version")
             if isinstance(version, int):
                 self.versions_seen[model].add(version)
-            for i in ids or ([ident] if ident is not None else []):
-                self.answered[model].add(str(i))
+            if ident is not None:
+                self.answered[model].add(str(ident))
+            latency = payload.get("latency_ms")
+            if isinstance(latency, (int, float)):
+                self.latencies_ms.append(float(latency))
             if model == "press-anomaly" and isinstance(labels, list):
-                press = str(payload.get("press") or source.get("press") or "")
                 for label in labels:
-                    self.rows_per_press[press] += 1
+                    self.rows_per_press[press[0]] += 1
                     if label in (-1, "-1"):
-                        self.anomalies[press] += 1
+                        self.anomalies[press[0]] += 1
 
     def active_version(self, model: str) -> int | None:
         with self.lock:

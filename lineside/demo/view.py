@@ -1,0 +1,122 @@
+"""The demo's live terminal view (rich): device model, throughput, anomalies, latency,
+drift, outbox depth and the step/event log."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from lineside.demo.files import DEVICE_ID, MODELS
+
+
+class LiveView:
+    def __init__(self, demo: Any) -> None:
+        self.demo = demo
+        self._stop = threading.Event()
+        self._live = Live(self._render(), refresh_per_second=4, transient=False)
+        self._thread = threading.Thread(target=self._loop, name="demo-view", daemon=True)
+        self._last_count = 0
+        self._last_at = time.monotonic()
+        self._rate = 0.0
+
+    def __enter__(self) -> LiveView:
+        self._live.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._live.update(self._render())
+        self._live.__exit__(None, None, None)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.25):
+            self._live.update(self._render())
+
+    def _render(self) -> Group:
+        return Group(self._device_table(), self._press_table(), self._log_panel())
+
+    def _device_table(self) -> Table:
+        monitor = self.demo.monitor
+        table = Table(title=f"device {DEVICE_ID}", expand=True)
+        for column in ("model", "version", "variant", "pred/s", "p50 ms", "p99 ms", "max PSI",
+                       "outbox", "dropped"):
+            table.add_column(column)
+        if monitor is None:
+            return table
+        with monitor.lock:
+            state = dict(monitor.state)
+            telemetry = dict(monitor.telemetry)
+            total = sum(monitor.predictions.values())
+        now = time.monotonic()
+        if now - self._last_at >= 1.0:
+            self._rate = (total - self._last_count) / (now - self._last_at)
+            self._last_count, self._last_at = total, now
+        outbox = telemetry.get("outbox") or {}
+        models_t = telemetry.get("models") or {}
+        for name in MODELS:
+            entry = (state.get("models") or {}).get(name) or {}
+            tm = models_t.get(name) or {}
+            latency = tm.get("latency_ms") or {}
+            drift = tm.get("drift") or tm.get("psi") or {}
+            psi_values = [v for v in _flatten(drift) if isinstance(v, (int, float))]
+            table.add_row(
+                name,
+                str(entry.get("version", "-")),
+                str(entry.get("variant", "-")),
+                f"{self._rate / max(1, len(MODELS)):.0f}",
+                _num(latency.get("p50")),
+                _num(latency.get("p99")),
+                _num(max(psi_values) if psi_values else None),
+                str(outbox.get("depth", "-")),
+                str(outbox.get("dropped", "-")),
+            )
+        return table
+
+    def _press_table(self) -> Table:
+        monitor = self.demo.monitor
+        table = Table(title="anomaly rate per press", expand=True)
+        table.add_column("press")
+        table.add_column("rows")
+        table.add_column("anomalies")
+        if monitor is None:
+            return table
+        with monitor.lock:
+            rows = dict(monitor.rows_per_press)
+            anomalies = dict(monitor.anomalies)
+        for press in sorted(rows):
+            n = rows[press]
+            table.add_row(press, str(n), f"{anomalies.get(press, 0) / max(n, 1):.1%}")
+        return table
+
+    def _log_panel(self) -> Panel:
+        lines = [f"{t:6.1f}s {status:4} {text}" for t, status, text in self.demo.steps.lines[-8:]]
+        monitor = self.demo.monitor
+        if monitor is not None:
+            with monitor.lock:
+                events = list(monitor.events)[-6:]
+            lines += [
+                f"event {e.get('kind', '')}/{e.get('code', '')}: {e.get('message', '')}"[:110]
+                for e in events
+            ]
+        return Panel("\n".join(lines) or "starting...", title="steps and device events")
+
+
+def _num(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        out: list[Any] = []
+        for v in value.values():
+            out.extend(_flatten(v))
+        return out
+    return [value]
