@@ -122,11 +122,13 @@ class FleetView:
     def _telemetry(self, rec: DeviceRecord, p: Mapping[str, Any], now: float) -> None:
         """Fold one telemetry message (docs/protocol.md section 8.3) into the record."""
         interval = float(p.get("interval_s") or 0.0)
-        active = p.get("active") if isinstance(p.get("active"), dict) else {}
+        raw_active = p.get("active")
+        active: Mapping[str, Any] = raw_active if isinstance(raw_active, dict) else {}
         for model, m in (p.get("models") or {}).items():
             if not isinstance(m, dict):
                 continue
-            info = active.get(model) if isinstance(active.get(model), dict) else {}
+            raw_info = active.get(model)
+            info: Mapping[str, Any] = raw_info if isinstance(raw_info, dict) else {}
             version = info.get("version", m.get("version"))
             t = rec.telemetry.get(model)
             if t is None or t.version != version:

@@ -46,8 +46,17 @@ class LiveView:
     def _device_table(self) -> Table:
         monitor = self.demo.monitor
         table = Table(title=f"device {DEVICE_ID}", expand=True)
-        for column in ("model", "version", "variant", "pred/s", "p50 ms", "p99 ms", "max PSI",
-                       "outbox", "dropped"):
+        for column in (
+            "model",
+            "version",
+            "variant",
+            "pred/s",
+            "p50 ms",
+            "p99 ms",
+            "max PSI",
+            "outbox",
+            "dropped",
+        ):
             table.add_column(column)
         if monitor is None:
             return table
