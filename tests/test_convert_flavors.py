@@ -55,6 +55,7 @@ def test_keras_model_converts_to_every_tflite_variant(
     y = np.digitize(X[:, 0] + 0.5 * X[:, 1], [-0.5, 0.5])
     model = keras.Sequential([
         keras.Input((6,)),
+        keras.layers.Dense(128, activation="relu"),
         keras.layers.Dense(64, activation="relu"),
         keras.layers.Dense(3, activation="softmax"),
     ])
