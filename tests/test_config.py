@@ -12,7 +12,9 @@ from edge_agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 # sync.toml is the sync service's config (tests/test_sync_config.py), not a device class.
-DEVICE_CONFIGS = sorted(p for p in (REPO / "device_configs").glob("*.toml") if p.name != "sync.toml")
+DEVICE_CONFIGS = sorted(
+    p for p in (REPO / "device_configs").glob("*.toml") if p.name != "sync.toml"
+)
 KEY_HEX = "3d4017c3e843895a92b70aa74d1b7ebc9c982ccf2ec4968cc0cd55f12af4660c"
 ENV = {"LINESIDE_BROKER_PASSWORD": "s3cret"}
 
@@ -205,10 +207,14 @@ def test_trusted_key_from_a_pem_file(tmp_path: Path) -> None:
 
     public = Ed25519PrivateKey.generate().public_key()
     (tmp_path / "keys").mkdir()
-    (tmp_path / "keys" / "k1.pem").write_bytes(public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    config = load_config(write(tmp_path, BASE.replace(f'k1 = "{KEY_HEX}"',
-                                                      'k1 = "keys/k1.pem"')), environ=ENV)
+    (tmp_path / "keys" / "k1.pem").write_bytes(
+        public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    config = load_config(
+        write(tmp_path, BASE.replace(f'k1 = "{KEY_HEX}"', 'k1 = "keys/k1.pem"')), environ=ENV
+    )
     raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert config.trusted_keys["k1"] == raw
 

@@ -44,8 +44,9 @@ def _run(*args: str) -> Any:
 def test_convert_writes_a_valid_mlflow_bundle_with_metadata(
     registered: Any, tmp_path: Path
 ) -> None:
-    result = _run(f"models:/{NAME}@production", "--out", str(tmp_path), "--variant",
-                  "onnx-fp32", "--json")
+    result = _run(
+        f"models:/{NAME}@production", "--out", str(tmp_path), "--variant", "onnx-fp32", "--json"
+    )
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ok"] and report["variants"][0]["status"] == "written"
@@ -86,8 +87,9 @@ def test_convert_writes_a_valid_mlflow_bundle_with_metadata(
 def test_log_to_registry_puts_bundles_on_the_run_and_tags_the_version(
     registered: Any, registry: Registry, tmp_path: Path
 ) -> None:
-    result = _run(f"models:/{NAME}/1", "--out", str(tmp_path), "--variant", "onnx-fp32",
-                  "--log-to-registry")
+    result = _run(
+        f"models:/{NAME}/1", "--out", str(tmp_path), "--variant", "onnx-fp32", "--log-to-registry"
+    )
     assert result.exit_code == 0, result.output
     client = registry.client()
     listed = [a.path for a in client.list_artifacts(registered.run_id, "lineside/onnx-fp32")]
@@ -96,15 +98,25 @@ def test_log_to_registry_puts_bundles_on_the_run_and_tags_the_version(
     tags = client.get_model_version(NAME, "1").tags
     assert tags["lineside.variants"] == "onnx-fp32"
     assert tags["lineside.onnx-fp32.parity"].startswith("pass label_agreement=100.0000%")
-    assert int(tags["lineside.onnx-fp32.size_bytes"]) == (tmp_path / "onnx-fp32" / "model.onnx").stat().st_size
+    assert (
+        int(tags["lineside.onnx-fp32.size_bytes"])
+        == (tmp_path / "onnx-fp32" / "model.onnx").stat().st_size
+    )
 
 
 def test_a_failed_parity_gate_exits_non_zero_and_writes_nothing(
     registered: Any, tmp_path: Path
 ) -> None:
     # Agreement above 100% cannot be met: the gate must refuse, whatever the model.
-    result = _run(f"models:/{NAME}/1", "--out", str(tmp_path), "--variant", "onnx-fp32",
-                  "--min-agreement-fp32", "1.01")
+    result = _run(
+        f"models:/{NAME}/1",
+        "--out",
+        str(tmp_path),
+        "--variant",
+        "onnx-fp32",
+        "--min-agreement-fp32",
+        "1.01",
+    )
     assert result.exit_code == 1
     assert "parity gate failed" in result.output
     assert not (tmp_path / "onnx-fp32").exists()
@@ -115,8 +127,16 @@ def test_calibration_csv_feeds_the_gate_and_the_baseline(registered: Any, tmp_pa
     rows = np.random.default_rng(3).normal(size=(64, 4))
     csv = tmp_path / "cal.csv"
     pd.DataFrame(rows, columns=FEATURES).to_csv(csv, index=False)
-    result = _run(f"models:/{NAME}/1", "--out", str(tmp_path / "out"), "--variant", "onnx-fp32",
-                  "--calibration-data", str(csv), "--json")
+    result = _run(
+        f"models:/{NAME}/1",
+        "--out",
+        str(tmp_path / "out"),
+        "--variant",
+        "onnx-fp32",
+        "--calibration-data",
+        str(csv),
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     parity = json.loads(result.stdout)["variants"][0]["parity"]
     assert parity["rows_validation"] == 64
@@ -165,8 +185,9 @@ def test_no_signature_and_no_input_example_is_refused(
 
     # An ONNX model logged bare: no signature, no example, no n_features_in_.
     X = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
-    proto = to_onnx(LogisticRegression().fit(X, X[:, 0] > 0), X[:1],
-                    options={"zipmap": False}, target_opset=17)
+    proto = to_onnx(
+        LogisticRegression().fit(X, X[:, 0] > 0), X[:1], options={"zipmap": False}, target_opset=17
+    )
     with mlflow.start_run():
         mlflow.onnx.log_model(proto, name="m", registered_model_name=model_name)
     result = _run(f"models:/{model_name}/1", "--out", str(tmp_path), "--variant", "onnx-fp32")
@@ -186,8 +207,13 @@ def test_string_inputs_are_refused_with_the_column_named(
     model = LogisticRegression().fit(X, X[:, 0] > 0)
     signature = ModelSignature(inputs=Schema([ColSpec("double", "a"), ColSpec("string", "line")]))
     with mlflow.start_run():
-        mlflow.sklearn.log_model(model, name="m", registered_model_name=model_name,
-                                 signature=signature, serialization_format="cloudpickle")
+        mlflow.sklearn.log_model(
+            model,
+            name="m",
+            registered_model_name=model_name,
+            signature=signature,
+            serialization_format="cloudpickle",
+        )
     result = _run(f"models:/{model_name}/1", "--out", str(tmp_path), "--variant", "onnx-fp32")
     assert result.exit_code == 2
     assert "line (string)" in result.stderr and "not numeric" in result.stderr
@@ -198,9 +224,23 @@ def test_the_lineside_command_runs_convert_in_a_subprocess(
 ) -> None:
     env = dict(os.environ, MLFLOW_TRACKING_URI=registry.tracking_uri)
     proc = subprocess.run(
-        [sys.executable, "-m", "lineside.cli", "convert", f"models:/{NAME}@production",
-         "--out", str(tmp_path), "--variant", "onnx-fp32", "--json"],
-        capture_output=True, text=True, env=env, timeout=300, check=False,
+        [
+            sys.executable,
+            "-m",
+            "lineside.cli",
+            "convert",
+            f"models:/{NAME}@production",
+            "--out",
+            str(tmp_path),
+            "--variant",
+            "onnx-fp32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["variants"][0]["status"] == "written"

@@ -26,10 +26,18 @@ def test_onnx_flavor_model_converts_to_onnx_variants(
     mlp = MLPClassifier(hidden_layer_sizes=(128, 64), max_iter=200, random_state=0).fit(X, y)
     proto = to_onnx(mlp, X[:1], options={"zipmap": False}, target_opset=17)
     with mlflow.start_run():
-        mlflow.onnx.log_model(proto, name="m", registered_model_name=model_name,
-                              signature=infer_signature(X, y), input_example=X[:3])
-    result = convert(f"models:/{model_name}/1", tmp_path,
-                     variants=["onnx-fp32", "onnx-fp16", "onnx-int8", "tflite-fp32"])
+        mlflow.onnx.log_model(
+            proto,
+            name="m",
+            registered_model_name=model_name,
+            signature=infer_signature(X, y),
+            input_example=X[:3],
+        )
+    result = convert(
+        f"models:/{model_name}/1",
+        tmp_path,
+        variants=["onnx-fp32", "onnx-fp16", "onnx-int8", "tflite-fp32"],
+    )
     by = {v.variant: v for v in result.variants}
     assert by["onnx-fp32"].status == "written"
     assert by["onnx-fp16"].status == "written", by["onnx-fp16"].reason
@@ -53,22 +61,32 @@ def test_keras_model_converts_to_every_tflite_variant(
     rng = np.random.default_rng(1)
     X = rng.normal(size=(600, 6)).astype(np.float32)
     y = np.digitize(X[:, 0] + 0.5 * X[:, 1], [-0.5, 0.5])
-    model = keras.Sequential([
-        keras.Input((6,)),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(3, activation="softmax"),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((6,)),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(3, activation="softmax"),
+        ]
+    )
     model.compile("adam", "sparse_categorical_crossentropy")
     model.fit(X, y, epochs=10, verbose=0)
     with mlflow.start_run():
         # (MLflow 3.17's keras flavor fails to save an input_example; the signature suffices.)
-        mlflow.keras.log_model(model, name="m", registered_model_name=model_name,
-                               signature=infer_signature(X, model.predict(X[:5], verbose=0)))
+        mlflow.keras.log_model(
+            model,
+            name="m",
+            registered_model_name=model_name,
+            signature=infer_signature(X, model.predict(X[:5], verbose=0)),
+        )
     calibration = tmp_path / "calibration.npy"
     np.save(calibration, X[:300])
-    result = convert(f"models:/{model_name}/1", tmp_path / "out", calibration_data=calibration,
-                     variants=["tflite-fp32", "tflite-fp16", "tflite-int8", "onnx-fp32"])
+    result = convert(
+        f"models:/{model_name}/1",
+        tmp_path / "out",
+        calibration_data=calibration,
+        variants=["tflite-fp32", "tflite-fp16", "tflite-int8", "onnx-fp32"],
+    )
     by = {v.variant: v for v in result.variants}
     for variant in ("tflite-fp32", "tflite-fp16", "tflite-int8"):
         assert by[variant].status == "written", by[variant].reason
@@ -78,5 +96,9 @@ def test_keras_model_converts_to_every_tflite_variant(
 
     loaded = mlflow.pyfunc.load_model(str(tmp_path / "out" / "tflite-fp32"))
     out = loaded.predict(X[:4])
-    probabilities = out["probabilities"] if isinstance(out, dict) else np.stack(out["probabilities"])
-    np.testing.assert_allclose(np.asarray(probabilities), model.predict(X[:4], verbose=0), atol=1e-5)
+    probabilities = (
+        out["probabilities"] if isinstance(out, dict) else np.stack(out["probabilities"])
+    )
+    np.testing.assert_allclose(
+        np.asarray(probabilities), model.predict(X[:4], verbose=0), atol=1e-5
+    )

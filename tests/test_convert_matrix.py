@@ -108,13 +108,17 @@ CASES: list[tuple[str, str, Any]] = [
         "MLPClassifier",
         "clf",
         lambda: make_pipeline(
-            StandardScaler(), MLPClassifier(hidden_layer_sizes=(96, 96), max_iter=200, random_state=0)
+            StandardScaler(),
+            MLPClassifier(hidden_layer_sizes=(96, 96), max_iter=200, random_state=0),
         ),
     ),
     (
         "MLPRegressor",
         "reg",
-        lambda: make_pipeline(StandardScaler(), MLPRegressor(hidden_layer_sizes=(96, 96), max_iter=200, random_state=0)),
+        lambda: make_pipeline(
+            StandardScaler(),
+            MLPRegressor(hidden_layer_sizes=(96, 96), max_iter=200, random_state=0),
+        ),
     ),
     (
         "KMeans",

@@ -29,7 +29,10 @@ def _data(seed: int) -> tuple[pd.DataFrame, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def versions(registry: Registry) -> dict[str, Any]:
-    """v1 saved with skops (MLflow's default), v2 with cloudpickle; v2 @production, v1 Production."""
+    """v1 saved with skops (MLflow's default), v2 with cloudpickle.
+
+    v2 holds @production; v1 is in the legacy Production stage.
+    """
     X, y = _data(1)
     m1 = make_pipeline(StandardScaler(), LogisticRegression()).fit(X, y)
     info1 = registry.log_sklearn(m1, X, name="model", registered_name=NAME)

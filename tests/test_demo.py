@@ -12,9 +12,23 @@ import pytest
 @pytest.mark.parametrize("broker", ["mosquitto", "amqtt"])
 def test_demo_runs_every_step_headless(tmp_path: Path, broker: str) -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "lineside.cli", "demo", "--headless", "--duration", "20",
-         "--workdir", str(tmp_path / "demo"), "--broker", broker],
-        capture_output=True, text=True, timeout=240, check=False,
+        [
+            sys.executable,
+            "-m",
+            "lineside.cli",
+            "demo",
+            "--headless",
+            "--duration",
+            "20",
+            "--workdir",
+            str(tmp_path / "demo"),
+            "--broker",
+            broker,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-3000:]

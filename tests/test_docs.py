@@ -23,12 +23,12 @@ def _commands() -> list[tuple[str, str, str]]:
     for doc in DOCS:
         for lang, body in BLOCK.findall(doc.read_text()):
             joined = body.replace("\\\n", " ")
-            for line in joined.splitlines():
-                line = line.split("#", 1)[0].strip()
-                for part in line.split("&&"):
-                    part = part.strip()
-                    if part.startswith("lineside "):
-                        found.append((doc.name, lang, part))
+            for raw in joined.splitlines():
+                code = raw.split("#", 1)[0].strip()
+                for piece in code.split("&&"):
+                    command = piece.strip()
+                    if command.startswith("lineside "):
+                        found.append((doc.name, lang, command))
     return found
 
 
@@ -50,14 +50,18 @@ def test_the_docs_show_commands() -> None:
     assert len(COMMANDS) >= 20
 
 
-@pytest.mark.parametrize(("doc", "lang", "line"), COMMANDS, ids=[f"{d}:{c}" for d, _, c in COMMANDS])
+@pytest.mark.parametrize(
+    ("doc", "lang", "line"), COMMANDS, ids=[f"{d}:{c}" for d, _, c in COMMANDS]
+)
 def test_documented_command_matches_the_cli(doc: str, lang: str, line: str) -> None:
     words = shlex.split(line)[1:]
     command, path, rest = _resolve(words)
     options = {opt for p in command.params for opt in getattr(p, "opts", [])}
     options |= {opt for p in command.params for opt in getattr(p, "secondary_opts", [])}
     for token in re.findall(r"(--[a-z][a-z0-9-]*)", " ".join(rest)):
-        assert token in options, f"{doc}: `{line}` uses {token}, unknown to lineside {' '.join(path)}"
+        assert token in options, (
+            f"{doc}: `{line}` uses {token}, unknown to lineside {' '.join(path)}"
+        )
     if lang == "bash":
         # a concrete example names every required option
         for param in command.params:

@@ -140,7 +140,9 @@ def test_callback_exception_does_not_kill_the_loop(broker: MosquittoBroker, link
     assert link.healthy()
 
 
-def test_watchdog_reports_a_stalled_loop_and_never_runs_a_second_one(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
+def test_watchdog_reports_a_stalled_loop_and_never_runs_a_second_one(
+    broker: MosquittoBroker, links
+) -> None:  # type: ignore[no-untyped-def]
     link = links(broker.url, "dev-stall", stall_timeout=0.5, watchdog_interval=0.1)
     link.start(wait=10)
     release = threading.Event()

@@ -22,7 +22,11 @@ ROOT = "lineside/v1"
 def _lineside(*args: str, cwd: Path, env: dict[str, str]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "lineside.cli", *args],
-        cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -30,8 +34,13 @@ def test_sync_run_deploys_a_promotion_and_stops_cleanly_on_sigterm(
     tmp_path: Path, broker: MosquittoBroker, registry: Registry, model_name: str
 ) -> None:
     log_versions(registry, model_name, count=1)
-    path, _keys = write_world(tmp_path, broker_url=broker.url, tracking_uri=registry.tracking_uri,
-                              model=model_name, cache_dir=shared_cache_dir())
+    path, _keys = write_world(
+        tmp_path,
+        broker_url=broker.url,
+        tracking_uri=registry.tracking_uri,
+        model=model_name,
+        cache_dir=shared_cache_dir(),
+    )
     registry.set_alias(model_name, "production", 1)
     env = dict(os.environ, MLFLOW_TRACKING_URI=registry.tracking_uri)
     proc = _lineside("sync", "run", "--config", str(path), cwd=tmp_path, env=env)
@@ -55,12 +64,18 @@ def test_sync_run_deploys_a_promotion_and_stops_cleanly_on_sigterm(
 def test_fleet_watch_shows_a_live_table_until_interrupted(
     tmp_path: Path, broker: MosquittoBroker, registry: Registry, model_name: str
 ) -> None:
-    path, _keys = write_world(tmp_path, broker_url=broker.url, tracking_uri=registry.tracking_uri,
-                              model=model_name)
+    path, _keys = write_world(
+        tmp_path, broker_url=broker.url, tracking_uri=registry.tracking_uri, model=model_name
+    )
     # one device's retained state, as an agent publishes it (docs/protocol.md section 8.1)
-    state = {"device": "press-9", "online": True, "ts": time.time(),
-             "models": {model_name: {"version": 4, "variant": "onnx-fp32", "sha256": "ab" * 32,
-                                     "sequence": 7}}}
+    state = {
+        "device": "press-9",
+        "online": True,
+        "ts": time.time(),
+        "models": {
+            model_name: {"version": 4, "variant": "onnx-fp32", "sha256": "ab" * 32, "sequence": 7}
+        },
+    }
     link = MqttLink(LinkOptions(url=broker.url, client_id="press-9-state"))
     link.start(wait=10)
     try:
@@ -69,8 +84,9 @@ def test_fleet_watch_shows_a_live_table_until_interrupted(
     finally:
         link.stop()
     env = dict(os.environ, COLUMNS="160")
-    proc = _lineside("fleet", "watch", "--config", str(path), "--interval", "0.3",
-                     cwd=tmp_path, env=env)
+    proc = _lineside(
+        "fleet", "watch", "--config", str(path), "--interval", "0.3", cwd=tmp_path, env=env
+    )
     time.sleep(6)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)

@@ -35,6 +35,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import MinMaxScaler, RobustScaler, StandardScaler
 from sklearn.svm import SVC
 
+import converter.tflite_build as tflite_build
 from converter.errors import (
     CalibrationDataError,
     InputSpecError,
@@ -44,6 +45,7 @@ from converter.errors import (
 from converter.reference import reference_outputs
 from converter.tflite_build import (
     TFLITE_VARIANTS,
+    build_sklearn,
     keras_to_tflite,
     sklearn_to_tflite,
     unsupported_reason,
@@ -168,6 +170,14 @@ def cases() -> dict[str, Case]:
     return {name: build() for name, build in BUILDERS.items()}
 
 
+@pytest.fixture
+def any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build fp16/int8 even where they do not shrink (most models here are tiny), so that
+    their numerics stay tested; the size rule has its own tests."""
+    monkeypatch.setattr(tflite_build, "MAX_FP16_SIZE_RATIO", float("inf"))
+    monkeypatch.setattr(tflite_build, "MAX_INT8_SIZE_RATIO", float("inf"))
+
+
 def _run(data: bytes, rows: np.ndarray, tmp_path: Path) -> dict[str, np.ndarray]:
     path = tmp_path / "model.tflite"
     path.write_bytes(data)
@@ -209,6 +219,7 @@ def parity(out: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, 
 
 @pytest.mark.parametrize("variant", TFLITE_VARIANTS)
 @pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.usefixtures("any_size")
 def test_variant_matches_scikit_learn(
     cases: dict[str, Case], name: str, variant: str, tmp_path: Path
 ) -> None:
@@ -227,10 +238,10 @@ def test_variant_matches_scikit_learn(
             assert value <= limits[key.rsplit(".", 1)[1]], (key, figures)
 
 
-class _OneVsRestLogisticRegression(LogisticRegression):
+class _OneVsRestLogisticRegression(LogisticRegression):  # type: ignore[misc]
     """What multi_class="ovr" (or liblinear) computed before scikit-learn 1.8."""
 
-    def predict_proba(self, X: Any) -> Any:  # noqa: N803 - scikit-learn's name
+    def predict_proba(self, X: Any) -> Any:  # X: scikit-learn's name
         return self._predict_proba_lr(X)
 
 
@@ -259,34 +270,163 @@ def test_one_session_runs_any_batch_size(cases: dict[str, Case], tmp_path: Path)
         assert np.array_equal(out["label"], reference_outputs(case.model, rows)["label"])
 
 
-def _mlp_sizes(hidden: tuple[int, ...], n_features: int) -> dict[str, float]:
+def _mlp_sizes(hidden: tuple[int, ...], n_features: int) -> dict[str, Any]:
     X, y = make_classification(600, n_features=n_features, n_informative=6, random_state=0)
     # Size depends on the weights, not on convergence: a few iterations are enough.
     model = MLPClassifier(hidden_layer_sizes=hidden, max_iter=5, random_state=0).fit(X, y)
     n_weights = sum(w.size for w in model.coefs_)
     rep = X[:200].astype(np.float32)
-    size = {v: len(sklearn_to_tflite(model, n_features, v, rep)) for v in TFLITE_VARIANTS}
+    built = {v: build_sklearn(model, n_features, v, rep) for v in TFLITE_VARIANTS}
+    size = {v: len(b.data) for v, b in built.items()}
     return {
         "weights": n_weights,
         "fp16": size["tflite-fp16"] / size["tflite-fp32"],
         "int8": size["tflite-int8"] / size["tflite-fp32"],
+        "int8_settings": built["tflite-int8"].settings,
     }
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 def test_quantized_variants_shrink_an_mlp() -> None:
-    # Wide layers: int8 weights are a quarter of fp32, plus per-channel scales.
     wide = _mlp_sizes((256, 256, 256), 64)
     assert wide["weights"] >= 10_000
-    assert wide["int8"] <= 0.30, wide
+    assert wide["int8"] <= 0.27, wide  # measured 0.258
     assert 0.45 <= wide["fp16"] <= 0.55, wide
-    # ~10k weights in narrow layers: every output channel carries a float32 scale and an
-    # int64 zero point (for the weights and for the bias), 24 bytes against fan-in bytes
-    # of int8 weights, so the ratio stays nearer 0.4. Measured 0.43; this pins it.
+    # ~10k weights: one scale per weight tensor (per-channel stored a float32 scale and an
+    # int64 zero point per output channel, twice, and left this at 0.43x). What remains
+    # above 0.25x is the int32 biases and ~50 bytes of quantization parameters per tensor,
+    # against an fp32 file that is compacted the same way. Measured 0.32 (the issue's
+    # 0.30 is not reached at this size: see test_int8_size_at_10k_weights).
     narrow = _mlp_sizes((128, 64), 12)
     assert narrow["weights"] >= 9_000
-    assert narrow["int8"] <= 0.45, narrow
+    assert narrow["int8"] <= 0.33, narrow
     assert narrow["fp16"] <= 0.56, narrow
+    settings = narrow["int8_settings"]
+    assert settings["per_channel"] is False
+    assert settings["size_ratio"] == pytest.approx(narrow["int8"], abs=1e-3)
+
+
+# --- int8 on features of different scales (the benchmark's data) ------------------------
+
+
+def _mixed_scales(n_features: int, n: int, seed: int) -> np.ndarray:
+    """Feature stds 0.5..5 and means -3..3, as benchmarks/bench_converter.py draws them."""
+    rng = np.random.default_rng(seed)
+    scale = np.linspace(0.5, 5.0, n_features)
+    x = rng.normal(size=(n, n_features)) * scale + np.linspace(-3.0, 3.0, n_features)
+    return x.astype(np.float32).astype(np.float64)
+
+
+def _mixed_target(x: np.ndarray, task: str) -> np.ndarray:
+    z = (x - x.mean(axis=0)) / x.std(axis=0)
+    signal = z[:, 0] - 0.8 * z[:, 1] + 0.5 * np.sin(2 * z[:, 2]) + 0.3 * z[:, 3] * z[:, 4]
+    if task == "classifier":
+        return np.asarray(np.digitize(signal, np.quantile(signal, [1 / 3, 2 / 3])), np.int64)
+    return np.asarray(10.0 * signal, np.float64)
+
+
+MIXED: dict[str, tuple[int, str, Callable[[], Any]]] = {
+    # 8*96 + 96*96 + 96*3 = 10,272 weights: the benchmark's MLPClassifier.
+    "mlp-classifier-10k": (
+        8,
+        "classifier",
+        lambda: make_pipeline(
+            StandardScaler(),
+            MLPClassifier(hidden_layer_sizes=(96, 96), max_iter=300, random_state=0),
+        ),
+    ),
+    # 16*128 + 128*64 + 64 = 10,304 weights: the benchmark's MLPRegressor.
+    "mlp-regressor-10k": (
+        16,
+        "regressor",
+        lambda: make_pipeline(
+            StandardScaler(),
+            MLPRegressor(hidden_layer_sizes=(128, 64), max_iter=300, random_state=0),
+        ),
+    ),
+    "logreg-32-features": (
+        32,
+        "classifier",
+        lambda: make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_cases() -> dict[str, tuple[Any, np.ndarray, np.ndarray]]:
+    fitted = {}
+    for name, (n_features, task, build) in MIXED.items():
+        train = _mixed_scales(n_features, 4000, seed=1)
+        model = build().fit(train, _mixed_target(train, task))
+        fitted[name] = (model, train, _mixed_scales(n_features, 2048, seed=2))
+    return fitted
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+@pytest.mark.usefixtures("any_size")
+def test_int8_holds_the_parity_gate_on_features_of_different_scales(
+    mixed_cases: dict[str, tuple[Any, np.ndarray, np.ndarray]], name: str, tmp_path: Path
+) -> None:
+    # Before: one int8 scale for the raw input and a scaler folded into int8 weights gave
+    # 96.5% / 94.4% label agreement and 0.19 of the prediction spread on these rows. The
+    # int8 candidate still fails the self-check here, so 16x8 is picked and recorded.
+    model, train, held_out = mixed_cases[name]
+    n_features = train.shape[1]
+    built = build_sklearn(model, n_features, "tflite-int8", train[:512].astype(np.float32))
+    assert built.settings["mode"] == "full-integer-16x8", built.settings
+    assert built.settings["modes_tried"] == ["full-integer", "full-integer-16x8"]
+    assert built.settings["weights"] == "int8" and built.settings["activations"] == "int16"
+    ref = reference_outputs(model, held_out)
+    out = _run(built.data, held_out, tmp_path)
+    if "label" in ref:
+        assert built.settings["float_ops"] == ["ARG_MAX"]  # no 16x8 kernel for it
+        assert np.mean(out["label"] == ref["label"]) >= 0.99
+    else:
+        spread = float(ref["prediction"].std())
+        assert np.max(np.abs(out["prediction"] - ref["prediction"])) / spread <= 5e-2
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_int8_size_at_10k_weights(
+    mixed_cases: dict[str, tuple[Any, np.ndarray, np.ndarray]],
+) -> None:
+    # Measured 0.331x (classifier) / 0.327x (regressor) of the fp32 file; per-channel
+    # quantization had 0.42x. The issue's 0.30x is not reached in 16x8: int16 activations
+    # need the input standardization ops and their parameters (~0.015x) on top.
+    for name in ("mlp-classifier-10k", "mlp-regressor-10k"):
+        model, train, _ = mixed_cases[name]
+        rows = train[:512].astype(np.float32)
+        fp32 = build_sklearn(model, train.shape[1], "tflite-fp32", rows).data
+        int8 = build_sklearn(model, train.shape[1], "tflite-int8", rows)
+        assert len(int8.data) / len(fp32) <= 0.34, (name, int8.settings)
+
+
+@pytest.mark.parametrize("name", ["logreg-binary", "kmeans-bare"])
+@pytest.mark.parametrize("variant", ["tflite-fp16", "tflite-int8"])
+def test_tiny_models_are_skipped_not_grown(cases: dict[str, Case], name: str, variant: str) -> None:
+    # Before: LogisticRegression fp16 1.07x, KMeans fp16 1.09x and int8 1.24x were shipped.
+    case = cases[name]
+    rows = case.train[:N_REPRESENTATIVE].astype(np.float32)
+    precision = variant.split("-")[1]
+    with pytest.raises(
+        VariantNotApplicable, match=rf"{precision}: the converted file is \d+\.\d\dx the fp32 file"
+    ):
+        sklearn_to_tflite(case.model, N_FEATURES, variant, rows)
+
+
+def test_files_carry_no_names_or_conversion_metadata(
+    cases: dict[str, Case], tmp_path: Path
+) -> None:
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    case = cases["mlp-classifier-relu"]
+    data = sklearn_to_tflite(case.model, N_FEATURES, "tflite-fp32", case.train)
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    assert not model.metadata
+    assert all(not t.name for g in model.subgraphs for t in g.tensors)
+    # ...while the SignatureDef keeps the contract's names.
+    session_out = _run(data, case.held_out[:3], tmp_path)
+    assert sorted(session_out) == ["label", "probabilities"]
 
 
 # --- Keras -----------------------------------------------------------------------------
@@ -322,6 +462,7 @@ def keras_classifier(keras_data: tuple[np.ndarray, np.ndarray, np.ndarray]) -> A
 
 
 @pytest.mark.parametrize("variant", TFLITE_VARIANTS)
+@pytest.mark.usefixtures("any_size")
 def test_keras_softmax_classifier(
     keras_data: tuple[np.ndarray, np.ndarray, np.ndarray],
     keras_classifier: Any,
@@ -351,6 +492,7 @@ def test_keras_sigmoid_with_binary_loss_is_a_binary_classifier(
     assert np.mean(out["label"] == (p > 0.5)) >= 0.999
 
 
+@pytest.mark.usefixtures("any_size")
 def test_keras_linear_output_is_a_regressor(
     keras_data: tuple[np.ndarray, np.ndarray, np.ndarray], tmp_path: Path
 ) -> None:
@@ -506,6 +648,7 @@ except UnsupportedModelError as exc:
 # --- the TFLite bundle as an MLflow model ----------------------------------------------
 
 
+@pytest.mark.usefixtures("any_size")
 def test_tflite_bundle_loads_as_mlflow_pyfunc(cases: dict[str, Case], tmp_path: Path) -> None:
     import mlflow.pyfunc
     import pandas as pd
