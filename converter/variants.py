@@ -85,16 +85,14 @@ class VariantBuilder:
             raise VariantNotApplicable(
                 "ONNX source models are not converted to TFLite (no maintained ONNX->TFLite path)"
             )
-        rows = self.calibration if self.calibration is not None else self.representative
+        rows = (self.calibration if self.calibration is not None else self.representative)
+        rows = rows.astype(np.float32)
         if self.original.flavor == "keras":
-            data = tflite_build.keras_to_tflite(
-                self.original.model, variant, rows.astype(np.float32)
-            )
+            built = tflite_build.build_keras(self.original.model, variant, rows)
         else:
-            data = tflite_build.sklearn_to_tflite(
-                self.original.model, self.original.n_features, variant, rows.astype(np.float32)
+            built = tflite_build.build_sklearn(
+                self.original.model, self.original.n_features, variant, rows
             )
-        settings: dict[str, Any] = {"precision": variant.split("-")[1]}
-        if variant == "tflite-int8":
-            settings |= {"mode": "full-integer", "io": "float32", "representative_rows": len(rows)}
-        return BuiltVariant(variant, data, settings)
+        # The builder says which mode it used (e.g. int8 or 16x8 after its self-check).
+        settings: dict[str, Any] = {"precision": variant.split("-")[1], **built.settings}
+        return BuiltVariant(variant, built.data, settings)

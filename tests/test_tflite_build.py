@@ -174,8 +174,8 @@ def cases() -> dict[str, Case]:
 def any_size(monkeypatch: pytest.MonkeyPatch) -> None:
     """Build fp16/int8 even where they do not shrink (most models here are tiny), so that
     their numerics stay tested; the size rule has its own tests."""
-    monkeypatch.setattr(tflite_build, "MAX_FP16_SIZE_RATIO", float("inf"))
-    monkeypatch.setattr(tflite_build, "MAX_INT8_SIZE_RATIO", float("inf"))
+    monkeypatch.setattr(tflite_build, "FP16_SIZE_LIMIT", float("inf"))
+    monkeypatch.setattr(tflite_build, "INT8_SIZE_LIMIT", float("inf"))
 
 
 def _run(data: bytes, rows: np.ndarray, tmp_path: Path) -> dict[str, np.ndarray]:
