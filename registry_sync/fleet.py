@@ -135,9 +135,11 @@ class FleetView:
                 t = rec.telemetry[model] = ModelTelemetry(version=version)
             rows_total = _int(m.get("rows_total"))
             errors_total = _error_total(m.get("errors_total"))
-            # The agent reports running totals; the interval's share is the difference.
-            t.last_rows = max(0, rows_total - t.rows_total) if t.rows_total else rows_total
-            t.last_errors = max(0, errors_total - t.errors_total) if t.errors_total else 0
+            # The agent reports running totals; the interval's share is the difference
+            # (all of it the first time; a restarted agent starts its totals again).
+            seen = t.ts > 0 and rows_total >= t.rows_total and errors_total >= t.errors_total
+            t.last_rows = rows_total - t.rows_total if seen else rows_total
+            t.last_errors = errors_total - t.errors_total if seen else errors_total
             t.rows_total, t.errors_total = rows_total, errors_total
             t.rows += t.last_rows
             t.errors += t.last_errors

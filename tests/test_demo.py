@@ -27,7 +27,7 @@ def test_demo_runs_every_step_headless(tmp_path: Path, broker: str) -> None:
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=420,
         check=False,
     )
     out = proc.stdout

@@ -231,11 +231,15 @@ def _view(now: float, **devices: dict[str, Any]) -> dict[str, DeviceRecord]:
             view.apply(
                 dev,
                 "telemetry",
-                {
+                {  # the agent's telemetry shape (docs/protocol.md section 8.3)
                     "interval_s": 10,
                     "models": {
-                        "m": {"version": 2, "rows": spec["rows"], "errors": spec.get("errors", 0)}
+                        "m": {
+                            "rows_total": spec["rows"],
+                            "errors_total": {"inference": spec.get("errors", 0)},
+                        }
                     },
+                    "active": {"m": {"model": "m", "version": 2}},
                 },
                 now,
             )

@@ -120,7 +120,8 @@ class Demo:
                 monitor.active_version(ANOMALY_MODEL) == int(v1)
                 and monitor.active_version(QUALITY_MODEL) is not None
             ),
-            60,
+            # converting both models the first time is the slow part on a busy machine
+            150,
             f"agent pulled, verified and activated {ANOMALY_MODEL} v{v1}",
         )
         self.feeder = Feeder(self.broker.url)

@@ -55,7 +55,8 @@ state_dir = "agent-state"
 topic_root = "{TOPIC_ROOT}"
 
 [runtime]
-variants = ["onnx-int8", "tflite-int8", "onnx-fp32"]
+# A Pi prefers int8; the demo leaves TFLite out so that it needs no TensorFlow and stays fast.
+variants = ["onnx-int8", "onnx-fp32"]
 threads = 1
 
 [broker]
