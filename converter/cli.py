@@ -92,6 +92,15 @@ def convert(
         )
     except click.UsageError:
         raise
+    except ImportError as exc:
+        if debug:
+            raise
+        click.echo(
+            f"lineside convert: error: a server-side package is missing ({exc.name or exc}); "
+            "install it with: pip install 'lineside[server]' (TFLite: 'lineside[tflite]')",
+            err=True,
+        )
+        sys.exit(EXIT_ERROR)
     except ConverterError as exc:
         if debug:
             raise

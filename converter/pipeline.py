@@ -17,7 +17,12 @@ import numpy as np
 
 from converter import baseline, dataset, parity
 from converter.bundle import MODEL_FILES, write_bundle
-from converter.errors import ConverterError, ParityError, VariantNotApplicable
+from converter.errors import (
+    ConverterError,
+    ParityError,
+    UnsupportedModelError,
+    VariantNotApplicable,
+)
 from converter.original import OriginalModel, load_original
 from converter.source import ResolvedModel, resolve
 from converter.variants import VARIANTS, BuiltVariant, VariantBuilder, runtime_of
@@ -94,6 +99,7 @@ def convert(
     with tempfile.TemporaryDirectory(prefix="lineside-src-") as tmp:
         source = resolve(model_uri, tracking_uri=tracking_uri, dst=Path(tmp))
         original = load_original(source.local_path)
+        check_supported(original)
         job = _Job(source, original, out_dir, calibration_data, thresholds)
         results = []
         for variant in variants:
@@ -272,6 +278,21 @@ class _Job:
 
     def _example_frame(self) -> np.ndarray:
         return np.ascontiguousarray(self.example[:5], dtype=np.float32)
+
+
+def check_supported(original: OriginalModel) -> None:
+    """Refuse up front a scikit-learn step no format covers, naming it."""
+    if original.flavor != "sklearn":
+        return
+    from converter import onnx_build
+
+    covered = set(onnx_build.SUPPORTED_ESTIMATORS) | set(onnx_build.SUPPORTED_PREPROCESSING)
+    unknown = [name for name in original.estimator_names if name not in covered]
+    if unknown:
+        raise UnsupportedModelError(
+            f"{', '.join(unknown)} cannot be converted by lineside; "
+            "`lineside convert --capabilities` lists what can"
+        )
 
 
 def _session_for(model_bytes: bytes, runtime: str) -> Any:

@@ -244,3 +244,31 @@ def test_the_lineside_command_runs_convert_in_a_subprocess(
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["variants"][0]["status"] == "written"
+
+
+def test_unsupported_estimator_is_named_with_a_pointer_to_capabilities(
+    registry: Registry, model_name: str, tmp_path: Path
+) -> None:
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X = pd.DataFrame(np.random.default_rng(0).normal(size=(60, 3)), columns=["a", "b", "c"])
+    model = KNeighborsClassifier().fit(X, (X["a"] > 0).astype(int))
+    registry.log_sklearn(model, X, name="m", registered_name=model_name)
+    result = _run(f"models:/{model_name}/1", "--out", str(tmp_path), "--variant", "onnx-fp32")
+    assert result.exit_code != 0
+    message = (result.stderr + result.stdout).strip().splitlines()
+    text = " ".join(message)
+    assert "KNeighborsClassifier" in text and "--capabilities" in text
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "onnx-fp32").exists()
+
+
+def test_debug_shows_the_traceback(registered: Any, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        convert_cmd, ["models:/ghost-model/1", "--out", str(tmp_path), "--debug"]
+    )
+    assert result.exit_code != 0
+    assert result.exc_info is not None
+    from converter.errors import ModelNotFoundError
+
+    assert isinstance(result.exception, ModelNotFoundError)

@@ -44,5 +44,23 @@ def test_demo_runs_every_step_headless(tmp_path: Path, broker: str) -> None:
     ):
         assert step in out, out[-3000:]
     assert "FAIL" not in out
-    # every process the demo started is gone: nothing listens on its broker port any more
     assert "mlflow ui --backend-store-uri sqlite:///" in out
+    # every process the demo started (broker, agent, sync) is gone
+    workdir = str(tmp_path / "demo")
+    leftovers = [
+        cmd for cmd in _command_lines() if workdir in cmd and "pytest" not in cmd
+    ]
+    assert leftovers == []
+
+
+def _command_lines() -> list[str]:
+    lines = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            raw = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        lines.append(raw.replace(b"\0", b" ").decode(errors="replace"))
+    return lines
