@@ -74,8 +74,7 @@ class LiveView:
             entry = (state.get("models") or {}).get(name) or {}
             tm = models_t.get(name) or {}
             latency = tm.get("latency_ms") or {}
-            drift = tm.get("drift") or tm.get("psi") or {}
-            psi_values = [v for v in _flatten(drift) if isinstance(v, (int, float))]
+            psi_values = _psi_values(tm.get("drift"))
             table.add_row(
                 name,
                 str(entry.get("version", "-")),
@@ -122,10 +121,16 @@ def _num(value: Any) -> str:
     return f"{value:.2f}" if isinstance(value, (int, float)) else "-"
 
 
-def _flatten(value: Any) -> list[Any]:
-    if isinstance(value, dict):
-        out: list[Any] = []
-        for v in value.values():
-            out.extend(_flatten(v))
-        return out
-    return [value]
+def _psi_values(drift: Any) -> list[float]:
+    """Every ``psi`` under ``drift.features`` and ``drift.outputs`` (protocol section 8.3)."""
+    values: list[float] = []
+    if not isinstance(drift, dict):
+        return values
+    for section in ("features", "outputs"):
+        entries = drift.get(section)
+        if isinstance(entries, dict):
+            for entry in entries.values():
+                psi = entry.get("psi") if isinstance(entry, dict) else None
+                if isinstance(psi, (int, float)):
+                    values.append(float(psi))
+    return values
