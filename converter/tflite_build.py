@@ -21,19 +21,21 @@ an op with no TFLite builtin kernel, an unfitted model, TensorFlow missing) rais
 (with the tail of TF's native log). TensorFlow is imported lazily: this module imports
 without it.
 
-Sizes: every file is compacted (no tensor names or conversion metadata; the SignatureDef
-keeps the contract's names), and fp16/int8 are compared with the fp32 file of the same
-model: a file not smaller than fp32 (FP16_SIZE_LIMIT / INT8_SIZE_LIMIT)
-raises ``VariantNotApplicable`` with the measured ratio. int8 uses one scale per weight
-tensor (per-channel parameters kept a 10k-weight MLP at 0.42x of fp32; now ~0.32x).
+Sizes: every file is compacted (no tensor names, conversion metadata or calibrated
+min/max; equal vectors stored once; the SignatureDef keeps the contract's names), and
+fp16/int8 are compared with the fp32 file of the same model: a file not smaller than fp32
+(FP16_SIZE_LIMIT / INT8_SIZE_LIMIT) raises ``VariantNotApplicable`` with the measured
+ratio. int8 uses one scale per weight tensor (per-channel parameters kept a 10k-weight MLP
+at 0.42x of fp32; now 0.30-0.31x).
 
 int8 numerics (see ``_int8``): full-integer int8 quantizes the raw input ``X`` with one
 scale for all features, so features on very different scales lose resolution before any
 scaler runs. Each int8 file is therefore checked in LiteRT against the fp32 file on the
-representative rows; when it falls short, the 16x8 mode (int16 activations, int8 weights,
-input standardized by its own op, layers equalized) is built instead. ``build_sklearn`` /
-``build_keras`` return the settings saying which mode was used. The parity gate, not this
-module, decides whether a variant ships.
+representative rows; when it falls short, 16x8 (int16 activations, int8 weights) is built
+instead: first with the scalers folded into the first dense layer, as in int8 (the int16
+input keeps the resolution; fewest ops), then with the input standardized by its own op
+and the layers equalized. ``build_sklearn`` / ``build_keras`` return the settings saying
+which mode was used. The parity gate, not this module, decides whether a variant ships.
 """
 
 from __future__ import annotations
@@ -67,7 +69,10 @@ MAX_REPRESENTATIVE_ROWS = 500  # TF's guidance: 100-500 rows calibrate the range
 FP16_SIZE_LIMIT = 1.0
 INT8_SIZE_LIMIT = 1.0
 # int8 candidates in order of preference; the first passing the self-check is kept.
-INT8_MODES = ("int8", "16x8")
+# "16x8-folded": 16x8 with the scalers folded into the first dense layer (no ops in front
+# of it); "16x8": the input standardized by its own op and the layers rebalanced.
+INT8_MODES = ("int8", "16x8-folded", "16x8")
+_UNFOLDED_MODES = tuple(mode for mode in INT8_MODES if mode != "16x8-folded")
 # The self-check on the representative rows against the fp32 file: twice as strict as
 # the parity gate's 99% / 5e-2, since held-out rows fare worse than calibration rows.
 INT8_SELF_CHECK = {"label_agreement": 0.995, "regression_rel_error": 0.025}
@@ -567,11 +572,23 @@ def build_sklearn(
     def forward_for(mode: str, rows: np.ndarray) -> Callable[[Any], dict[str, Any]]:
         if mode == "16x8":
             return _plan_forward(tf, *normalized_for_int16(plan, rows))
+        if mode == "16x8-folded":
+            return _plan_forward(tf, Plan(plan.n_features, equalized(plan.layers), plan.head))
         return _plan_forward(tf, plan)
 
     fan_ins = [layer.kernel.shape[0] for layer in plan.layers if isinstance(layer, Affine)]
     max_fan_in = max([plan.n_features, *fan_ins])
-    return _build(tf, plan.n_features, forward_for, variant, representative, max_fan_in=max_fan_in)
+    # Without a leading dense layer (bare KMeans) there is nothing to standardize for.
+    modes = INT8_MODES if fan_ins and isinstance(plan.layers[0], Affine) else _UNFOLDED_MODES
+    return _build(
+        tf,
+        plan.n_features,
+        forward_for,
+        variant,
+        representative,
+        max_fan_in=max_fan_in,
+        int8_modes=modes,
+    )
 
 
 def keras_to_tflite(
@@ -615,7 +632,13 @@ def build_keras(
     # track, so hand it the backing tf.Variables (else LiteRT reads uninitialized ones).
     tracked = [v.value for v in model.variables]
     return _build(
-        tf, n_features, lambda _mode, _rows: forward, variant, representative, tracked=tracked
+        tf,
+        n_features,
+        lambda _mode, _rows: forward,
+        variant,
+        representative,
+        tracked=tracked,
+        int8_modes=_UNFOLDED_MODES,  # one graph for all modes: 16x8-folded is 16x8
     )
 
 
@@ -760,11 +783,13 @@ def _build(
     *,
     tracked: Sequence[Any] = (),
     max_fan_in: int | None = None,
+    int8_modes: Sequence[str] = INT8_MODES,
 ) -> TfliteBuild:
     """Convert ``variant``; fp16/int8 are measured against the fp32 file of the same model.
 
     ``max_fan_in``: the widest dense input; 16x8 stores int32 biases (half of int64) only
     when int16 x int8 products summed over it cannot overflow int32 accumulators.
+    ``int8_modes``: the int8 candidates (:data:`INT8_MODES`) that build distinct graphs.
     """
     int32_bias = max_fan_in is not None and max_fan_in <= MAX_INT32_BIAS_FAN_IN
     rows = (
@@ -785,7 +810,7 @@ def _build(
         settings: dict[str, Any] = {"precision": "fp16", "io": "float32"}
         limit = FP16_SIZE_LIMIT
     else:
-        data, settings = _int8(convert, fp32, rows)
+        data, settings = _int8(convert, fp32, rows, int8_modes)
         limit = INT8_SIZE_LIMIT
     ratio = len(data) / len(fp32)
     settings["size_ratio"] = round(ratio, 3)
@@ -799,7 +824,10 @@ def _build(
 
 
 def _int8(
-    convert: Callable[[str], bytes], fp32: bytes, rows: np.ndarray
+    convert: Callable[[str], bytes],
+    fp32: bytes,
+    rows: np.ndarray,
+    modes: Sequence[str] = INT8_MODES,
 ) -> tuple[bytes, dict[str, Any]]:
     """Full-integer int8, or 16x8 when int8 does not hold up on the representative rows.
 
@@ -808,15 +836,16 @@ def _int8(
     MLP: 97.7% label agreement on its own calibration rows). Each candidate is run in
     LiteRT on the representative rows and compared with the fp32 file; the first that
     passes INT8_SELF_CHECK is kept, else the closer one (the parity gate still decides).
-    16x8 = int16 activations, int8 weights: the input keeps its resolution, it is
-    standardized by its own op and the dense layers are rebalanced for 8-bit weights
-    (:func:`normalized_for_int16`); ops without a 16x8 kernel (ARG_MAX, ...) run in
-    float and are listed in the settings.
+    16x8 = int16 activations, int8 weights: the input keeps its resolution. "16x8-folded"
+    keeps the scalers folded into the first dense layer (no extra ops: smallest, but that
+    layer's 8-bit rows are as unbalanced as the feature scales); "16x8" standardizes the
+    input by its own op and rebalances the dense layers (:func:`normalized_for_int16`).
+    Ops without a 16x8 kernel (ARG_MAX, ...) run in float and are listed in the settings.
     """
     reference = _litert_outputs(fp32, rows)
     tried: list[tuple[float, bytes, dict[str, Any]]] = []
     first_error: Exception | None = None
-    for mode in INT8_MODES:
+    for mode in modes:
         try:
             data = convert(mode)
         except (ConversionFailed, UnsupportedModelError) as exc:
@@ -845,8 +874,15 @@ def _int8(
     return data, settings
 
 
+_INT8_MODE_NAMES = {
+    "int8": "full-integer",
+    "16x8-folded": "full-integer-16x8-folded",
+    "16x8": "full-integer-16x8",
+}
+
+
 def _int8_settings(mode: str, data: bytes, n_rows: int) -> dict[str, Any]:
-    int16 = mode == "16x8"
+    int16 = mode.startswith("16x8")
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
@@ -855,12 +891,12 @@ def _int8_settings(mode: str, data: bytes, n_rows: int) -> dict[str, Any]:
     }  # 2 = INT32, 4 = INT64 constants (biases; ARG_MAX's axis is INT32 too)
     return {
         "precision": "int8",
-        "mode": "full-integer-16x8" if int16 else "full-integer",
+        "mode": _INT8_MODE_NAMES[mode],
         "activations": "int16" if int16 else "int8",
         "weights": "int8",
         "bias": "int64" if 4 in bias_types else "int32",
         "per_channel": False,
-        "input_normalization": int16,
+        "input_normalization": mode == "16x8",
         "float_ops": _float_ops(data),
         "io": "float32",
         "representative_rows": n_rows,
@@ -957,7 +993,7 @@ def _configure(
         converter.target_spec.supported_types = [tf.float16]
         return
     converter.representative_dataset = lambda: ([row[np.newaxis, :]] for row in rows)
-    if mode == "16x8":
+    if mode.startswith("16x8"):
         # Ops without a 16x8 kernel (ARG_MAX, SQRT) fall back to float; _float_ops lists them.
         converter.target_spec.supported_ops = [
             tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8,
@@ -978,7 +1014,9 @@ def _configure(
 def compact(data: bytes) -> bytes:
     """The same model without what LiteRT does not read: tensor and subgraph names, the
     description, metadata (conversion options, min_runtime_version), empty quantization
-    tables, and one empty buffer per activation tensor (all share buffer 0).
+    tables, the calibrated min/max kept beside scale and zero point, and one empty buffer
+    per activation tensor (all share buffer 0). Equal vectors (shapes, zero points...) are
+    written once and referenced by every table that holds them, which FlatBuffers allows.
 
     The SignatureDef keeps the contract's names (``X``, ``label``...), so nothing that
     ``load_session`` or the agent looks up is touched.
@@ -997,6 +1035,8 @@ def compact(data: bytes) -> bytes:
             quantization = tensor.quantization
             if quantization is not None and quantization.scale is None:
                 tensor.quantization = None
+            elif quantization is not None:
+                quantization.min = quantization.max = None  # calibration ranges only
             content = model.buffers[tensor.buffer].data
             if content is None or len(content) == 0:
                 tensor.buffer = 0
@@ -1006,7 +1046,27 @@ def compact(data: bytes) -> bytes:
                 buffers.append(model.buffers[tensor.buffer])
             tensor.buffer = moved[tensor.buffer]
     model.buffers = buffers
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return _serialize(model)
+
+
+def _serialize(model: Any) -> bytes:
+    """``flatbuffer_utils.convert_object_to_bytearray`` with equal vectors written once."""
+    import flatbuffers
+
+    class SharingBuilder(flatbuffers.Builder):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(1024)
+            self.vectors: dict[tuple[str, tuple[int, ...], bytes], int] = {}
+
+        def CreateNumpyVector(self, x: np.ndarray) -> int:  # noqa: N802 (flatbuffers' name)
+            key = (x.dtype.str, x.shape, x.tobytes())
+            if key not in self.vectors:
+                self.vectors[key] = super().CreateNumpyVector(x)
+            return self.vectors[key]
+
+    builder = SharingBuilder()
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def _representative_rows(representative: np.ndarray | None, n_features: int) -> np.ndarray:
