@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import importlib.util
 import json
 import logging
@@ -100,6 +101,8 @@ TRANSITIONS: Mapping[State, frozenset[State]] = {
     State.SMOKE_TEST: frozenset({State.IDLE, State.ACTIVATING}),
     State.ACTIVATING: frozenset({State.IDLE}),
 }
+
+MAX_UNCONFIRMED_STARTS = 3  # starts a new version gets to pass its health window
 
 _RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "tflite": ("ai_edge_litert", "tflite_runtime")}
 
@@ -175,6 +178,7 @@ class Updater:
         self._job: _Job | None = None
         self._watching: dict[str, LoadedModel] = {}
         self._undeployed = _UndeployedFile(config.state_dir / "undeployed.json", fs)
+        self._starts = _StartAttempts(config.state_dir / "unconfirmed.json", fs)
         self.state = State.IDLE
         self.history: list[tuple[State, State]] = []
         self.snapshot: dict[str, Any] = {}
@@ -191,12 +195,44 @@ class Updater:
         for name, model_config in self._models.items():
             if self._undeployed.stops(name):
                 continue
+            unconfirmed = self._count_start(name)
             loaded = self._load_with_fallback(name, model_config)
             if loaded is not None:
+                if unconfirmed is not None and loaded.sha256 == unconfirmed:
+                    self._watch(loaded)  # its health window starts again
                 self._engine.install(loaded)
                 serving.append(name)
         self._refresh_snapshot()
         return serving
+
+    def _count_start(self, name: str) -> str | None:
+        """Count a start of a version that has not passed its health window yet; past
+        ``MAX_UNCONFIRMED_STARTS`` (it keeps killing the process) roll it back. Returns the
+        sha256 still unconfirmed, if any."""
+        pending = self._starts.get(name)
+        active = self.store.active(name)
+        if pending is None or active is None or pending[0] != active.sha256:
+            if pending is not None:
+                self._starts.clear(name)
+            return None
+        starts = pending[1] + 1
+        if starts <= MAX_UNCONFIRMED_STARTS:
+            self._starts.set(name, active.sha256, starts)  # persisted before loading it
+            return active.sha256
+        bad = active.manifest
+        self.store.rollback(name, mark_bad=True)
+        self._starts.clear(name)
+        self._settled.add(bad.digest)
+        reason = f"did not pass its health window in {MAX_UNCONFIRMED_STARTS} starts"
+        self._event("rolled_back", f"{name}: {reason}", bad, reason=reason, starts=starts - 1)
+        return None
+
+    def _watch(self, loaded: LoadedModel) -> None:
+        h = self.config.health
+        loaded.health = HealthWindow(
+            time.monotonic(), h.window_s, h.max_error_rate, h.latency_budget_ms
+        )
+        self._watching[loaded.name] = loaded
 
     def _load_with_fallback(self, name: str, model_config: ModelConfig) -> LoadedModel | None:
         active = self.store.active(name)
@@ -232,6 +268,10 @@ class Updater:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        # A clean stop is not a crash: only starts that follow an unclean end count
+        # towards MAX_UNCONFIRMED_STARTS (the health window still runs again next start).
+        with contextlib.suppress(Exception):
+            self._starts.reset_counts()
 
     def status(self) -> dict[str, Any]:
         job = self._job
@@ -261,12 +301,37 @@ class Updater:
                 kind, item = self._queue.get(timeout=0.1)
             except queue.Empty:
                 kind, item = "tick", None
-            try:
-                self._dispatch(kind, item)
-                self._tick()
-            except Exception:  # one bad message must not end updates for good
-                log.exception("updater step %s failed", kind)
-                self._abandon()
+            self.step(kind, item)
+
+    def step(self, kind: str, item: Any) -> None:
+        """Handle one queue item (``manifest``, ``chunk``, ``cmd`` or ``tick``) then tick.
+
+        An unexpected error ends the current update, reported, never the updater thread."""
+        try:
+            self._dispatch(kind, item)
+            self._tick()
+        except Exception as exc:  # one bad message must not end updates for good
+            log.exception("updater step %s failed", kind)
+            self._unexpected(exc)
+
+    def _unexpected(self, exc: Exception) -> None:
+        job = self._job
+        if job is not None or self.state is not State.IDLE or isinstance(exc, OSError):
+            if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+                code, text = "unsafe_model", f"a symlink was planted in the model store: {exc}"
+            elif isinstance(exc, OSError):
+                code, text = "store_error", f"model store I/O failed: {exc}"
+            else:
+                code, text = "internal_error", f"{type(exc).__name__}: {exc}"
+            with contextlib.suppress(Exception):
+                if job is None:  # failed while checking a manifest
+                    self._event(code, text)
+                else:
+                    self._event(code, text, job.manifest, job.accepted.group)
+        self._abandon()
+        with contextlib.suppress(Exception):
+            self._refresh_snapshot()
+            self._on_state_change()
 
     def _dispatch(self, kind: str, item: Any) -> None:
         if kind == "manifest":
@@ -473,13 +538,11 @@ class Updater:
     def _activate(self, job: _Job, loaded: LoadedModel) -> None:
         manifest = job.manifest
         self.store.activate(job.accepted)  # persisted first: sequence + pointer, atomic
+        with contextlib.suppress(OSError):  # crash-loop protection only; never block the swap
+            self._starts.set(manifest.model, manifest.model_sha256, 0)
         self._undeployed.clear(manifest.model)
-        h = self.config.health
-        loaded.health = HealthWindow(
-            time.monotonic(), h.window_s, h.max_error_rate, h.latency_budget_ms
-        )
+        self._watch(loaded)
         self._engine.install(loaded)  # then the in-memory swap, under the engine's lock
-        self._watching[manifest.model] = loaded
         self._settled.add(job.digest)
         self._job = None
         self._event(
@@ -515,6 +578,14 @@ class Updater:
                 if assembler.partial.exists():
                     with contextlib.suppress(OSError):
                         self._fs.unlink(assembler.partial)
+            # The directory partial_path made for an install that will not finish (the
+            # store removes it at the next open; a long-running agent must not collect one
+            # per refused update).
+            sha = job.manifest.model_sha256
+            model_dir = self.store.models_dir / sha
+            if (model_dir.is_dir() or model_dir.is_symlink()) and not self.store.is_installed(sha):
+                with contextlib.suppress(OSError):
+                    self._fs.rmtree(model_dir)
         if self.state is not State.IDLE:
             self.history.append((self.state, State.IDLE))
             self.state = State.IDLE
@@ -532,6 +603,7 @@ class Updater:
             if verdict == "healthy":
                 loaded.health = None
                 del self._watching[name]
+                self._starts.clear(name)
                 self._event(
                     "healthy", f"{name} passed its health window", loaded.manifest, kind="health"
                 )
@@ -556,6 +628,7 @@ class Updater:
         else:
             self._engine.remove(name)
         self._watching.pop(name, None)
+        self._starts.clear(name)
         if bad is not None:
             self._settled.add(bad.digest)
         to = loaded.describe() if loaded is not None else None
@@ -635,6 +708,44 @@ def _digest(raw: bytes) -> str | None:
         return decode_envelope(raw).digest
     except UpdateRejected:
         return None
+
+
+class _StartAttempts:
+    """model -> [sha256, starts] for an activated version not yet through its health window.
+
+    Written at activation (starts 0), incremented before each later start loads it, cleared
+    when the window passes or the model is rolled back: a version that kills the process
+    every time it runs is rolled back after ``MAX_UNCONFIRMED_STARTS`` starts, like a boot
+    counter in an A/B updater (RAUC, Mender)."""
+
+    def __init__(self, path: Path, fs: FileSystem) -> None:
+        self.path = path
+        self._fs = fs
+        try:
+            raw = json.loads(path.read_bytes()) if path.exists() else {}
+            self._models = {str(k): (str(v[0]), int(v[1])) for k, v in dict(raw).items()}
+        except (OSError, ValueError, TypeError, IndexError, KeyError):
+            self._models = {}
+
+    def get(self, model: str) -> tuple[str, int] | None:
+        return self._models.get(model)
+
+    def set(self, model: str, sha: str, starts: int) -> None:
+        self._models[model] = (sha, starts)
+        self._save()
+
+    def clear(self, model: str) -> None:
+        if self._models.pop(model, None) is not None:
+            self._save()
+
+    def reset_counts(self) -> None:
+        if any(n for _, n in self._models.values()):
+            self._models = {m: (sha, 0) for m, (sha, _) in self._models.items()}
+            self._save()
+
+    def _save(self) -> None:
+        body = {m: [sha, n] for m, (sha, n) in self._models.items()}
+        self._fs.atomic_write(self.path, json.dumps(body, sort_keys=True).encode())
 
 
 class _UndeployedFile:

@@ -38,6 +38,8 @@ _CHILDREN: dict[str, dict[int, str]] = {
 }
 _TENSOR_EXTERNAL_DATA = 13  # repeated StringStringEntryProto
 _TENSOR_DATA_LOCATION = 14  # enum, EXTERNAL = 1
+_TENSOR_DIMS = 1  # repeated int64 (packed or not)
+_INT64_SIGN = 1 << 63
 
 
 class _MalformedError(Exception):
@@ -61,14 +63,15 @@ def _walk(buf: memoryview, start: int, end: int, kind: str, depth: int) -> None:
     if depth > _MAX_DEPTH:
         raise _MalformedError("nesting too deep")
     children = _CHILDREN[kind]
+    dims: list[int] = []
     pos = start
     while pos < end:
         key, pos = _varint(buf, pos, end)
         field, wire = key >> 3, key & 7
         if wire == 0:
             value, pos = _varint(buf, pos, end)
-            if kind == "tensor" and field == _TENSOR_DATA_LOCATION and value == 1:
-                raise UnsafeModel("the ONNX model stores a tensor as external data")
+            if kind == "tensor":
+                _tensor_varint(field, value, dims)
         elif wire == 1:
             pos += 8
         elif wire == 5:
@@ -77,8 +80,8 @@ def _walk(buf: memoryview, start: int, end: int, kind: str, depth: int) -> None:
             length, pos = _varint(buf, pos, end)
             if pos + length > end:
                 raise _MalformedError("field runs past its message")
-            if kind == "tensor" and field == _TENSOR_EXTERNAL_DATA:
-                raise UnsafeModel("the ONNX model stores a tensor as external data")
+            if kind == "tensor":
+                _tensor_bytes(buf, field, pos, pos + length, dims)
             if field in children:
                 _walk(buf, pos, pos + length, children[field], depth + 1)
             pos += length
@@ -86,6 +89,42 @@ def _walk(buf: memoryview, start: int, end: int, kind: str, depth: int) -> None:
             raise _MalformedError(f"wire type {wire}")
         if pos > end:
             raise _MalformedError("truncated field")
+    _check_dims(dims, len(buf))  # every message kind: empty unless a tensor
+
+
+def _tensor_varint(field: int, value: int, dims: list[int]) -> None:
+    if field == _TENSOR_DATA_LOCATION and value == 1:
+        raise UnsafeModel("the ONNX model stores a tensor as external data")
+    if field == _TENSOR_DIMS:
+        dims.append(value)
+
+
+def _tensor_bytes(buf: memoryview, field: int, pos: int, end: int, dims: list[int]) -> None:
+    if field == _TENSOR_EXTERNAL_DATA:
+        raise UnsafeModel("the ONNX model stores a tensor as external data")
+    if field == _TENSOR_DIMS:  # packed dims
+        while pos < end:
+            value, pos = _varint(buf, pos, end)
+            dims.append(value)
+
+
+def _check_dims(dims: list[int], file_size: int) -> None:
+    """A stored tensor holds its elements in the file (external data is refused), at least
+    half a byte each (4-bit types), so more elements than that is a lie meant to make the
+    runtime allocate: refused before the runtime sees it."""
+    negative = [d - (1 << 64) for d in dims if d & _INT64_SIGN]
+    if negative:
+        raise UnsafeModel(f"the ONNX model has a tensor with negative dimension {negative[0]}")
+    if 0 in dims:
+        return
+    elements = 1
+    for d in dims:
+        elements *= d
+        if elements > 2 * file_size + 64:
+            raise UnsafeModel(
+                f"the ONNX model declares a tensor of shape {dims}: more elements than its "
+                f"{file_size}-byte file can hold"
+            )
 
 
 def check_no_external_data(path: Path) -> None:
