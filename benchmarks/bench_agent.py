@@ -107,6 +107,10 @@ def make_bundle(tmp: Path) -> Bundle:
     return Bundle.load(tmp / "bundles" / "onnx-fp32")
 
 
+def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 class Rig:
     """Sensor publisher + prediction collector (latency from the echoed source ts)."""
 
@@ -132,7 +136,7 @@ class Rig:
     @staticmethod
     def _client(cid: str) -> paho.Client:
         c = paho.Client(CallbackAPIVersion.VERSION2, client_id=cid)
-        c.on_socket_open = lambda _c, _u, s: s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        c.on_socket_open = _nodelay
         return c
 
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
@@ -210,6 +214,22 @@ class Rig:
         for c in (self.sub, self.pub):
             c.disconnect()
             c.loop_stop()
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (less noisy than wall time on a
+    shared machine)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def with_cpu(pid: int, phase: Any) -> dict[str, Any]:
+    """Run one phase and add the process's CPU time per message (ms) to its figures."""
+    before = cpu_s(pid)
+    result: dict[str, Any] = phase()
+    result["cpu_ms_per_msg"] = round((cpu_s(pid) - before) * 1000 / max(1, result["messages"]), 4)
+    return result
 
 
 def rss_kb(pid: int) -> int:
@@ -301,8 +321,8 @@ def measure_agent(port: int, config: Path, topic: str, args: Any) -> dict[str, A
     out["start_to_first_prediction_s"] = round(first, 3)
     time.sleep(1.0)
     rig = Rig(port, topic)
-    out["paced"] = rig.paced(args.rate, args.seconds)
-    out["burst"] = rig.burst(args.burst)
+    out["paced"] = with_cpu(agent.pid, lambda: rig.paced(args.rate, args.seconds))
+    out["burst"] = with_cpu(agent.pid, lambda: rig.burst(args.burst))
     out["rss_mb"] = round(rss_kb(agent.pid) / 1024, 1)
     rig.close()
     stop(agent)
@@ -314,6 +334,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--burst", type=int, default=20000)
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_agent.json"
+    )
     args = parser.parse_args()
     results: dict[str, Any] = {
         "loadavg_at_start": os.getloadavg(),
@@ -356,8 +379,10 @@ def main() -> None:
             assert loop.stdout is not None and loop.stdout.readline().strip() == "ready"
             time.sleep(0.5)
             rig = Rig(port, "bench/minimal/predictions")
-            results["minimal_paced"] = rig.paced(args.rate, args.seconds)
-            results["minimal_burst"] = rig.burst(args.burst)
+            results["minimal_paced"] = with_cpu(
+                loop.pid, lambda: rig.paced(args.rate, args.seconds)
+            )
+            results["minimal_burst"] = with_cpu(loop.pid, lambda: rig.burst(args.burst))
             results["minimal_rss_mb"] = round(rss_kb(loop.pid) / 1024, 1)
             rig.close()
             stop(loop)
@@ -390,7 +415,7 @@ def main() -> None:
             "first prediction <= 1.0 s": a["start_to_first_prediction_s"] <= 1.0,
         }
     results["loadavg_at_end"] = os.getloadavg()  # other work on the shared cores skews it
-    out = REPO / "benchmarks" / "results" / "bench_agent.json"
+    out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps(results, indent=1))

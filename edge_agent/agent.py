@@ -6,7 +6,8 @@ reachable (and ``lineside agent predict`` works with none). Then the inference w
 the outbox pump, the MQTT link, the updater thread and the telemetry thread start.
 
 Threads: paho's network thread (``MqttLink``) only enqueues; the micro-batch worker
-parses, infers and stores predictions; the updater owns the store and the downloads;
+parses, infers, stores predictions and hands them to the link during the commit's fsync
+(``OutboxPump.put_and_send``); the updater owns the store and the downloads;
 the outbox pump publishes and deletes on PUBACK; the telemetry thread publishes QoS 0.
 ``run`` watches ``MqttLink.healthy()`` and pings systemd's watchdog; a link that stays
 unhealthy ends the agent with a non-zero exit so systemd restarts it.
@@ -103,21 +104,6 @@ class RateLimiter:
             return True, self._suppressed.pop(kind, 0)
 
 
-class _SharedPump(OutboxPump):
-    """An outbox pump that the batch worker may also turn, right after it stored a
-    micro-batch: the predictions go out without waking the pump thread first (one thread
-    hand-off less on the latency path). The lock keeps one turn at a time; the pump
-    thread still handles acks, reconnects and everything the worker did not send."""
-
-    def __init__(self, outbox: Outbox, link: MqttLink) -> None:
-        super().__init__(outbox, link)
-        self._turn = threading.Lock()
-
-    def pump_once(self) -> bool:
-        with self._turn:
-            return super().pump_once()
-
-
 class Agent:
     """One device's agent. ``start()`` then ``run()`` (blocks) or ``stop()``."""
 
@@ -158,7 +144,7 @@ class Agent:
             on_state_change=self.publish_state,
         )
         self.link: MqttLink | None = None
-        self.pump: _SharedPump | None = None
+        self.pump: OutboxPump | None = None
         self._stop = threading.Event()
         self._telemetry_thread: threading.Thread | None = None
         self._connected_at = time.time()
@@ -172,7 +158,7 @@ class Agent:
         for topic_filter in self.engine.input_filters():
             self.link.subscribe(topic_filter, self._on_sensor)
         self.updater.attach(self.link)
-        self.pump = _SharedPump(self.outbox, self.link)
+        self.pump = OutboxPump(self.outbox, self.link)
         self.pump.start()
         self.link.start(wait=None)  # keeps trying in the background: offline is normal
         self.updater.start()
@@ -255,13 +241,15 @@ class Agent:
     # ---- messages out -----------------------------------------------------------------
 
     def _store_predictions(self, items: list[tuple[str, bytes]]) -> None:
-        self.outbox.put_many([(topic, payload, 1, False) for topic, payload in items])
+        rows = [(topic, payload, 1, False) for topic, payload in items]
         pump = self.pump
-        if pump is not None:
-            try:
-                pump.pump_once()  # durable first, then out at once from this thread
-            except Exception:  # stored already: the pump thread will send it
-                log.exception("outbox pump turn on the batch worker failed")
+        if pump is None:
+            self.outbox.put_many(rows)
+            return
+        # One transaction for the micro-batch; its predictions are handed to the link
+        # from this thread while the commit's fsync runs (no pump-thread wake-up on the
+        # latency path). Deleted only after commit and PUBACK, as always.
+        pump.put_and_send(rows)
 
     def emit(self, kind: str, code: str, message: str, **context: Any) -> None:
         """One event (docs/protocol.md section 8.2), through the outbox."""

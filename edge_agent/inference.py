@@ -200,6 +200,14 @@ class _Item:
 
 
 def _source_meta(rows: Sequence[Row]) -> dict[str, Any]:
+    if len(rows) == 1:  # one row: its own id/ts, no set building
+        row = rows[0]
+        single: dict[str, Any] = {}
+        if row.id is not None:
+            single["id"] = row.id
+        if row.ts is not None:
+            single["ts"] = row.ts
+        return single
     ids = [r.id for r in rows]
     tss = [r.ts for r in rows]
     meta: dict[str, Any] = {}
@@ -254,8 +262,8 @@ def _non_finite_rows(outputs: Mapping[str, np.ndarray]) -> int:
     bad: np.ndarray | None = None
     for value in outputs.values():
         arr = np.asarray(value)
-        if arr.dtype.kind != "f" or arr.ndim == 0:
-            continue
+        if arr.dtype.kind != "f" or arr.ndim == 0 or np.isfinite(arr).all():
+            continue  # the common case costs one check per output
         rows = ~np.isfinite(arr).reshape(arr.shape[0], -1).all(axis=1)
         bad = rows if bad is None else bad | rows
     return int(bad.sum()) if bad is not None else 0
@@ -267,7 +275,10 @@ def _slice(
     classes = loaded.manifest.classes
     out: dict[str, list[Any]] = {}
     for name, value in outputs.items():
-        part = np.asarray(value)[picks]
+        arr = np.asarray(value)
+        # One message owning every row (the low-load case): no fancy-index copy.
+        whole = len(picks) == len(arr) and picks[-1] == len(picks) - 1 and picks[0] == 0
+        part = arr if whole else arr[picks]
         if name == "label" and classes is not None:
             out[name] = [
                 classes[i] if 0 <= i < len(classes) else i for i in part.astype(np.int64).tolist()
@@ -382,13 +393,15 @@ class InferenceEngine:
                 by_model.setdefault(name, []).append((item, rows))
         out: list[tuple[str, bytes]] = []
         after: list[Callable[[], None]] = []
-        for name, messages in by_model.items():
-            out.extend(self._answer(name, messages, after))
-        if out:
-            self._store(out)
-            self.answered += len(out)
-        for step in after:  # bookkeeping (drift histograms) off the latency path
-            step()
+        try:
+            for name, messages in by_model.items():
+                out.extend(self._answer(name, messages, after))
+            if out:
+                self._store(out)
+                self.answered += len(out)
+        finally:
+            for step in after:  # bookkeeping (stats, health, drift) off the latency path
+                step()
 
     def _answer(
         self, name: str, messages: list[tuple[_Item, list[Row]]], after: list[Callable[[], None]]
@@ -410,17 +423,13 @@ class InferenceEngine:
         answers = result.answers
         good_rows = sum(len(a.rows) for a in answers)
         latency = answers[0].latency_ms if answers else 0.0
+        # Bookkeeping runs after the predictions were handed to the link (``after``):
+        # once per micro-batch, off the latency path.
         if good_rows:
-            stats.record_batch(good_rows, latency)
+            after.append(lambda: stats.record_batch(good_rows, latency))
             after.append(lambda: self._drift.add(name, result.x, result.outputs))
         if loaded.health is not None and (good_rows or result.failed):
-            with loaded.health_lock:
-                loaded.health.record(
-                    rows=good_rows,
-                    errors=result.failed,
-                    nan_rows=result.nan_rows,
-                    latency_ms=latency,
-                )
+            after.append(lambda: _record_health(loaded, good_rows, result, latency))
         topic = self._output_topics[name]
         answered = [a for a in answers if a.outputs is not None]
         first = self._seq.take(len(answered)) if answered else 0
@@ -446,6 +455,15 @@ class InferenceEngine:
             first += 1
             out.append((topic, json.dumps(body, separators=(",", ":")).encode()))
         return out
+
+
+def _record_health(loaded: LoadedModel, rows: int, result: Inferred, latency: float) -> None:
+    health = loaded.health
+    if health is None:
+        return
+    with loaded.health_lock:
+        health.record(rows=rows, errors=result.failed, nan_rows=result.nan_rows,
+                      latency_ms=latency)
 
 
 class _DriftBuffer:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -119,17 +120,21 @@ class FieldMapping:
         """The features of one row, by feature name; raises ``InputError``."""
         out: dict[str, Any] = {}
         for feature, path, keys in self._paths:
-            value = fields.get(path, _ABSENT) if len(keys) > 1 else _ABSENT
-            if value is _ABSENT:
+            value = fields.get(path, _ABSENT)  # a plain key, or a dotted key as one key
+            if value is _ABSENT and len(keys) > 1:
                 value = _walk(fields, path, keys)
             if value is _ABSENT:
                 if feature in self._optional:
                     continue
                 raise InputError("missing field", field=path, kind="missing_field")
-            if isinstance(value, dict | list):
+            kind = type(value)
+            if kind is float and -_MAX_FLOAT <= value <= _MAX_FLOAT:  # the common case
+                out[feature] = value
+                continue
+            if kind is dict or kind is list:
                 raise InputError(f"expected a scalar, got {_json_type(value)}", field=path,
                                  kind="type")
-            if isinstance(value, float) and not math.isfinite(value):
+            if kind is float and not math.isfinite(value):
                 raise InputError("not a finite number", field=path, kind="non_finite")
             out[feature] = value
         return out
@@ -152,6 +157,7 @@ class FieldMapping:
 
 
 _ABSENT: Any = object()
+_MAX_FLOAT = sys.float_info.max  # finite floats compare within it; NaN and inf do not
 
 
 def _walk(fields: Mapping[str, Any], path: str, keys: tuple[str, ...]) -> Any:

@@ -19,11 +19,21 @@ Contract (stated plainly, like Greengrass stream manager does):
   ``NORMAL`` in WAL mode only syncs at checkpoints and a power cut may roll back the
   last commits (the database stays consistent, the messages are gone). FULL costs one
   fsync per transaction, which is why writers batch (``put_many``, one transaction per
-  micro-batch) and the pump deletes acknowledged entries in batches. A lost *delete* only
-  causes a duplicate, which the contract allows.
+  micro-batch). Deletes of acknowledged entries commit without an fsync of their own: a
+  lost *delete* only causes a duplicate, which the contract allows, and the next FULL
+  commit syncs it anyway (WAL order).
+- **Send during the fsync.** ``OutboxPump.put_and_send`` (the agent's micro-batch path)
+  hands the new entries to the link inside the transaction, before the COMMIT, when
+  nothing older is waiting: the network round trip overlaps the fsync. An entry is still
+  deleted only after its commit *and* its PUBACK (the delete waits for the lock the
+  commit holds). A power cut during that fsync loses only what was not yet durable --
+  exactly what it lost before, when the prediction was still in memory -- and whatever
+  of it reached the broker is delivered, not lost.
 
-Threads: writers call ``put``/``put_many``; one pump thread publishes and deletes; PUBACK
-callbacks run on the MQTT network thread and only enqueue ids (no disk I/O there).
+Threads: writers call ``put``/``put_many`` (the agent's batch worker
+``OutboxPump.put_and_send``, which also publishes); one pump thread publishes the rest and
+deletes; PUBACK callbacks run on the MQTT network thread and only enqueue ids (no disk I/O
+there, and no wake-up of the pump while its window has room).
 """
 
 from __future__ import annotations
@@ -59,6 +69,11 @@ INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0);
 """
 
 
+_INSERT = (
+    "INSERT INTO entries (topic, payload, qos, retain, created, size) VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+
 @dataclass(frozen=True)
 class Entry:
     id: int
@@ -86,6 +101,9 @@ class Outbox:
         self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self.synchronous = synchronous
+        # Deletes of acknowledged entries commit without their own fsync (see delete()).
+        self._lazy_deletes = synchronous == "FULL"
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])
@@ -97,8 +115,23 @@ class Outbox:
         """Store one message durably; False when it was dropped (larger than the bound)."""
         return self.put_many([(topic, payload, qos, retain)]) == 1
 
-    def put_many(self, items: Iterable[tuple[str, bytes, int, bool]]) -> int:
-        """Store messages in one transaction (one fsync); returns how many were kept."""
+    def put_many(
+        self,
+        items: Iterable[tuple[str, bytes, int, bool]],
+        *,
+        before_commit: Callable[[list[Entry]], None] | None = None,
+        acked: Sequence[int] = (),
+    ) -> int:
+        """Store messages in one transaction (one fsync); returns how many were kept.
+
+        ``before_commit(entries)`` (the pump's fast path) runs inside the transaction,
+        after the rows have their ids and before the COMMIT (the fsync): it may hand them
+        to the network so the round trip overlaps the fsync. Nothing can delete them
+        before the commit (deletes need this lock). If the commit fails the exception
+        propagates and the caller must forget what it sent (the ids will be reused). With
+        ``before_commit`` the listeners are not notified: the caller wakes who it must.
+        ``acked``: ids of acknowledged entries to delete in the same transaction (one
+        commit per micro-batch for both, instead of one each)."""
         now = time.time()
         rows = []
         too_big = 0
@@ -118,15 +151,28 @@ class Outbox:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 dropped = too_big + self._make_room(incoming)
-                self._db.executemany(
-                    "INSERT INTO entries (topic, payload, qos, retain, created, size)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
+                if len(rows) == 1:  # the low-load case: one statement, its id at hand
+                    last = self._db.execute(_INSERT, rows[0]).lastrowid or 0
+                else:
+                    self._db.executemany(_INSERT, rows)
+                    last = 0
                 if dropped:
                     self._db.execute(
                         "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (dropped,)
                     )
+                if before_commit is not None and rows:
+                    # One connection under our lock, one transaction: the ids are
+                    # consecutive and end at last_insert_rowid().
+                    if not last:
+                        row = self._db.execute("SELECT last_insert_rowid()").fetchone()
+                        last = int(row[0])
+                    first = last - len(rows) + 1
+                    before_commit([
+                        Entry(first + k, r[0], r[1], r[2], bool(r[3]), r[4], r[5])
+                        for k, r in enumerate(rows)
+                    ])
+                if acked:  # after the hand-off: off the latency path, still one commit
+                    self._delete_ids(acked)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
@@ -137,7 +183,8 @@ class Outbox:
         if too_big:
             log.warning("outbox: %d new message(s) beyond the %d-byte bound dropped", too_big,
                         self.max_bytes)
-        self._notify()
+        if before_commit is None:
+            self._notify()
         return len(rows)
 
     def _make_room(self, incoming: int) -> int:
@@ -178,28 +225,43 @@ class Outbox:
         return [Entry(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5], r[6]) for r in rows]
 
     def delete(self, ids: Sequence[int]) -> int:
-        """Delete acknowledged entries in one transaction; returns how many existed."""
+        """Delete acknowledged entries in one transaction; returns how many existed.
+
+        Under ``synchronous=FULL`` the delete commits with NORMAL (no fsync of its own):
+        a power cut may roll it back, which re-sends an acknowledged entry -- a duplicate,
+        which the contract allows -- and never loses one. The WAL keeps commit order, so
+        the next FULL commit (the next ``put_many``) syncs these deletes with it."""
         if not ids:
             return 0
         with self._lock:
+            if self._lazy_deletes:
+                self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                sizes = []
-                for start in range(0, len(ids), 500):  # SQLite's variable limit
-                    chunk = ids[start : start + 500]
-                    marks = ",".join("?" * len(chunk))
-                    sizes += self._db.execute(
-                        f"DELETE FROM entries WHERE id IN ({marks}) RETURNING size",  # noqa: S608
-                        chunk,
-                    ).fetchall()
+                count = self._delete_ids(ids)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 self._recount()
                 raise
-            # Entries dropped for room while in flight are simply absent here.
-            self._depth -= len(sizes)
-            self._bytes -= sum(s[0] for s in sizes)
+            finally:
+                if self._lazy_deletes:
+                    self._db.execute(f"PRAGMA synchronous={self.synchronous}")
+        return count
+
+    def _delete_ids(self, ids: Sequence[int]) -> int:
+        """DELETE inside the caller's transaction (lock held); keeps the counts."""
+        sizes: list[tuple[int]] = []
+        for start in range(0, len(ids), 500):  # SQLite's variable limit
+            chunk = ids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            sizes += self._db.execute(
+                f"DELETE FROM entries WHERE id IN ({marks}) RETURNING size",  # noqa: S608
+                chunk,
+            ).fetchall()
+        # Entries dropped for room while in flight are simply absent here.
+        self._depth -= len(sizes)
+        self._bytes -= sum(s[0] for s in sizes)
         return len(sizes)
 
     def discard(self, ids: Sequence[int]) -> int:
@@ -260,7 +322,12 @@ class Publisher(Protocol):
 
 class OutboxPump:
     """Publishes the outbox's oldest entries in order while connected, at most
-    ``max_inflight`` unacknowledged at once, and deletes each on its PUBACK."""
+    ``max_inflight`` unacknowledged at once, and deletes each on its PUBACK.
+
+    ``pump_once`` may be turned by the pump thread or by a writer (one turn at a time).
+    A PUBACK does not wake the pump thread while the window has room: acknowledged ids
+    are deleted in bulk by the next turn (a writer's, or the thread's after
+    ``idle_wait``), which saves a thread wake-up and a transaction per message."""
 
     def __init__(
         self,
@@ -274,11 +341,15 @@ class OutboxPump:
         self.link = link
         self.max_inflight = max_inflight
         self.idle_wait = idle_wait
-        self._acked: queue.SimpleQueue[int] = queue.SimpleQueue()
-        self._inflight: set[int] = set()
+        self._acked: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
+        # id -> token of its publication: an ack deletes only the publication it
+        # belongs to (ids of a rolled-back transaction are reused by SQLite).
+        self._inflight: dict[int, int] = {}
+        self._token = 0
         # Highest id handed to the link. Starts at 0: after a restart every entry still
         # on disk is sent again (at-least-once).
         self._cursor = 0
+        self._turn = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -293,7 +364,8 @@ class OutboxPump:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
-        self._delete_acked()
+        with self._turn:
+            self._delete_acked()
 
     def in_flight(self) -> int:
         return len(self._inflight)
@@ -312,21 +384,85 @@ class OutboxPump:
     def pump_once(self) -> bool:
         """Delete what was acknowledged, publish what fits in flight; True if anything
         happened (the caller then loops again at once)."""
-        deleted = self._delete_acked()
-        sent = self._publish_next() if self.link.connected else 0
+        with self._turn:
+            deleted = self._delete_acked()
+            sent = self._publish_next() if self.link.connected else 0
         return bool(deleted or sent)
 
-    def _delete_acked(self) -> int:
+    def put_and_send(self, items: Sequence[tuple[str, bytes, int, bool]]) -> int:
+        """Store ``items`` durably and publish them on the caller's thread, the network
+        round trip overlapping the commit's fsync when nothing older waits; whatever
+        could not go now is left to the pump thread. Returns how many were stored."""
+        with self._turn:
+            acked = self._take_acked()
+            cursor = self._cursor
+            sent: list[Entry] = []
+            try:
+                stored = self.outbox.put_many(
+                    items, before_commit=lambda e: self._send_fresh(e, sent), acked=acked
+                )
+            except BaseException:
+                self._requeue(acked)
+                for entry in sent:  # rolled back: SQLite reuses these ids, forget them
+                    self._inflight.pop(entry.id, None)
+                self._cursor = cursor
+                raise
+        if stored > len(sent):
+            self._wake.set()
+        return stored
+
+    def _send_fresh(self, entries: list[Entry], sent: list[Entry]) -> None:
+        # Only when every older entry is already with the link: order is kept.
+        if not entries or self._cursor < entries[0].id - 1 or not self.link.connected:
+            return
+        room = self.max_inflight - len(self._inflight)
+        for entry in entries[: max(0, room)]:
+            try:
+                handle = self.link.publish(entry.topic, entry.payload, entry.qos, entry.retain)
+            except BrokerError:
+                break  # the pump thread sorts it out after the commit (retry or discard)
+            self._track(entry.id, handle)
+            sent.append(entry)
+        flush: Callable[[], object] | None = getattr(self.link, "flush", None)
+        if sent and flush is not None:
+            flush()  # onto the wire from this thread, then the fsync
+
+    def _track(self, entry_id: int, handle: _Handle) -> None:
+        self._token += 1
+        self._inflight[entry_id] = self._token
+        self._cursor = entry_id
+        handle.on_ack(self._ack_callback(entry_id, self._token))
+
+    def _take_acked(self) -> list[int]:
+        """Ids whose PUBACK arrived (for their current publication), off the in-flight
+        set. The caller deletes them (or ``_requeue``s them when that fails)."""
         ids: list[int] = []
         while True:
             try:
-                ids.append(self._acked.get_nowait())
+                entry_id, token = self._acked.get_nowait()
             except queue.Empty:
                 break
+            if self._inflight.get(entry_id) == token:
+                del self._inflight[entry_id]
+                ids.append(entry_id)
+        return ids
+
+    def _requeue(self, ids: list[int]) -> None:
+        # Their delete did not happen: keep them for the next turn.
+        for entry_id in ids:
+            self._token += 1
+            self._inflight[entry_id] = self._token
+            self._acked.put((entry_id, self._token))
+
+    def _delete_acked(self) -> int:
+        ids = self._take_acked()
         if not ids:
             return 0
-        self.outbox.delete(ids)
-        self._inflight.difference_update(ids)
+        try:
+            self.outbox.delete(ids)
+        except BaseException:
+            self._requeue(ids)
+            raise
         return len(ids)
 
     def _publish_next(self) -> int:
@@ -346,15 +482,14 @@ class OutboxPump:
                 self.outbox.discard([entry.id])
                 self._cursor = entry.id
                 continue
-            self._inflight.add(entry.id)
-            self._cursor = entry.id
-            handle.on_ack(self._ack_callback(entry.id))
+            self._track(entry.id, handle)
             sent += 1
         return sent
 
-    def _ack_callback(self, entry_id: int) -> Callable[[_Handle], None]:
+    def _ack_callback(self, entry_id: int, token: int) -> Callable[[_Handle], None]:
         def acked(_handle: _Handle) -> None:
-            self._acked.put(entry_id)
-            self._wake.set()
+            self._acked.put((entry_id, token))
+            if len(self._inflight) * 2 >= self.max_inflight:
+                self._wake.set()  # the window fills: make room now
 
         return acked

@@ -128,3 +128,19 @@ def test_outbox_sync_config(tmp_path: Path, value: str, ok: bool) -> None:
     else:
         with pytest.raises(ConfigError, match=r"\[limits\]\.outbox_sync"):
             load_config(path)
+
+
+def test_output_helpers_fast_paths_match_the_general_ones() -> None:
+    import numpy as np
+
+    from edge_agent.inference import _non_finite_rows, _source_meta
+    from edge_agent.inputs import Row
+
+    assert _source_meta([Row({}, "m1", 1.5)]) == {"id": "m1", "ts": 1.5}
+    assert _source_meta([Row({})]) == {}
+    assert _source_meta([Row({}, 7), Row({}, 7)]) == {"id": 7}
+    assert _source_meta([Row({}, 1, 2.0), Row({}, 2, 2.0)]) == {"id": [1, 2], "ts": 2.0}
+    finite = {"p": np.array([[0.1, 0.9], [0.5, 0.5]], dtype=np.float32), "label": np.array([0, 1])}
+    assert _non_finite_rows(finite) == 0
+    bad = {"p": np.array([[0.1, np.nan], [0.5, 0.5], [np.inf, 0.0]], dtype=np.float32)}
+    assert _non_finite_rows(bad) == 2

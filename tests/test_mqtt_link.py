@@ -265,3 +265,28 @@ def test_tls_with_client_certificate(tmp_path: Path, links) -> None:  # type: ig
         no_cert = links(tls_broker.url, "dev-nocert", ca=tls_broker.tls_files.ca_cert)
         with pytest.raises(BrokerError):
             no_cert.start(wait=2)
+
+
+def test_handlers_follow_subscription_changes_despite_the_route_cache(
+    broker: MosquittoBroker, links
+) -> None:  # type: ignore[no-untyped-def]
+    link = links(broker.url, "dev-routes")
+    wide = collector(link, "r/#")
+    link.start(wait=10)
+    sender = links(broker.url, "dev-routes-tx")
+    sender.start(wait=10)
+    assert sender.publish("r/a", b"1", qos=1).wait(5.0)
+    assert wait_until(lambda: len(wide) >= 1)  # "r/a" -> [wide] is now cached
+    narrow = collector(link, "r/+")  # a new subscription must reach the cached topic
+
+    def send_until(payload: bytes, done: Callable[[], bool]) -> bool:
+        # The SUBSCRIBE/UNSUBSCRIBE and the sender's PUBLISH travel on two connections:
+        # keep sending until the change shows (ordering only, nothing timed).
+        return wait_until(lambda: bool(sender.publish("r/a", payload, qos=1)) and done())
+
+    assert send_until(b"2", lambda: b"2" in [m.payload for m in narrow])
+    assert b"2" in [m.payload for m in wide]  # both handlers of the topic ran
+    link.unsubscribe("r/#")
+    before = len(wide)
+    assert send_until(b"3", lambda: b"3" in [m.payload for m in narrow])
+    assert b"3" not in [m.payload for m in wide[before:]]

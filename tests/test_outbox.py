@@ -246,3 +246,133 @@ def test_throughput_is_reported(broker: MosquittoBroker, tmp_path: Path, links) 
         f"\noutbox: insert {insert_rate:,.0f} msg/s (batches of 100), "
         f"publish+ack+delete {drain_rate:,.0f} msg/s"
     )
+
+
+class _Handle:
+    """A publication whose PUBACK the test delivers by hand."""
+
+    def __init__(self) -> None:
+        self._callbacks: list[Callable[[_Handle], None]] = []
+
+    def on_ack(self, callback: Callable[[_Handle], None], /) -> None:
+        self._callbacks.append(callback)
+
+    def ack(self) -> None:
+        for callback in self._callbacks:
+            callback(self)
+
+
+class _ScriptedLink:
+    """A connected link that records publications; ``check`` runs inside publish()."""
+
+    def __init__(self, check: Callable[[str, bytes], None] | None = None) -> None:
+        self.connected = True
+        self.sent: list[tuple[bytes, _Handle]] = []
+        self.check = check
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> _Handle:
+        if self.check is not None:
+            self.check(topic, payload)
+        handle = _Handle()
+        self.sent.append((payload, handle))
+        return handle
+
+
+def _committed(path: Path) -> list[bytes]:
+    """What another connection (a reader after a crash) sees as committed."""
+    import sqlite3
+
+    db = sqlite3.connect(str(path))
+    try:
+        return [bytes(r[0]) for r in db.execute("SELECT payload FROM entries ORDER BY id")]
+    finally:
+        db.close()
+
+
+def test_put_and_send_publishes_during_the_commit_and_deletes_after_ack(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    box = Outbox(path, max_bytes=100_000)
+    seen_at_publish: list[list[bytes]] = []
+    link = _ScriptedLink(check=lambda _t, _p: seen_at_publish.append(_committed(path)))
+    pump = OutboxPump(box, link)
+    assert pump.put_and_send([("out/a", b"p:0", 1, False), ("out/a", b"p:1", 1, False)]) == 2
+    # Handed to the link inside the transaction: not yet committed at that moment ...
+    assert seen_at_publish == [[], []]
+    # ... and durable once put_and_send returned.
+    assert _committed(path) == [b"p:0", b"p:1"]
+    assert [p for p, _h in link.sent] == [b"p:0", b"p:1"] and pump.in_flight() == 2
+    link.sent[0][1].ack()
+    assert box.depth() == 2  # an ack only queues the id: nothing deleted on that thread
+    link.check = None
+    pump.put_and_send([("out/a", b"p:2", 1, False)])  # the delete rides on this commit
+    assert _committed(path) == [b"p:1", b"p:2"]
+    assert box.depth() == 2 and pump.in_flight() == 2
+    box.close()
+
+
+def test_put_and_send_keeps_order_behind_older_unsent_entries(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=100_000)
+    link = _ScriptedLink()
+    pump = OutboxPump(box, link)
+    box.put("out/a", b"old")  # e.g. an event stored by another thread, not yet sent
+    pump.put_and_send([("out/a", b"new", 1, False)])
+    assert link.sent == []  # "new" must not overtake "old"
+    assert pump.pump_once()
+    assert [p for p, _h in link.sent] == [b"old", b"new"]
+    pump.put_and_send([("out/a", b"next", 1, False)])  # caught up: straight out
+    assert [p for p, _h in link.sent][-1] == b"next"
+    box.close()
+
+
+def test_put_and_send_leaves_what_exceeds_the_window_to_the_pump(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=100_000)
+    link = _ScriptedLink()
+    pump = OutboxPump(box, link, max_inflight=2)
+    pump.put_and_send([("out/a", f"m:{i}".encode(), 1, False) for i in range(5)])
+    assert [p for p, _h in link.sent] == [b"m:0", b"m:1"] and box.depth() == 5
+    for _p, handle in list(link.sent):
+        handle.ack()
+    while pump.pump_once():
+        for _p, handle in link.sent[-2:]:
+            handle.ack()
+    assert [p for p, _h in link.sent] == [f"m:{i}".encode() for i in range(5)]
+    assert box.depth() == 0
+    box.close()
+
+
+def test_a_rolled_back_send_never_deletes_the_entry_that_reuses_its_id(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=100_000)
+
+    def fail_second(_topic: str, payload: bytes) -> None:
+        if payload == b"doomed:1":
+            raise RuntimeError("disk or link trouble mid-transaction")
+
+    link = _ScriptedLink(check=fail_second)
+    pump = OutboxPump(box, link)
+    with pytest.raises(RuntimeError):
+        pump.put_and_send([("out/a", b"doomed:0", 1, False), ("out/a", b"doomed:1", 1, False)])
+    assert box.depth() == 0 and pump.in_flight() == 0
+    stale = link.sent[0][1]  # "doomed:0" went out before the rollback
+    pump.put_and_send([("out/a", b"fresh", 1, False)])  # SQLite reuses the id
+    assert box.oldest(0, 10)[0].id == 1
+    stale.ack()  # the broker acknowledges the rolled-back publication
+    pump.pump_once()
+    assert [e.payload for e in box.oldest(0, 10)] == [b"fresh"]  # not deleted
+    link.sent[-1][1].ack()
+    pump.pump_once()
+    assert box.depth() == 0
+    box.close()
+
+
+def test_deletes_skip_their_own_fsync_but_puts_stay_full(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=100_000)
+    box.put("out/a", b"1")
+    box.delete([box.oldest(0, 1)[0].id])
+    # The connection is back to FULL for the next put (2 = FULL in SQLite's numbering).
+    assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    normal = Outbox(tmp_path / "n.db", max_bytes=100_000, synchronous="NORMAL")
+    normal.put("out/a", b"1")
+    normal.delete([normal.oldest(0, 1)[0].id])
+    assert normal._db.execute("PRAGMA synchronous").fetchone()[0] == 1
+    box.close()
+    normal.close()

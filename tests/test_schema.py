@@ -232,6 +232,22 @@ def test_field_mapping() -> None:
     assert good == [{"vib": 1, "dotted": 2}] and indices == [0] and errors[0][0] == 1
 
 
+def test_field_mapping_plain_keys_keep_every_check() -> None:
+    # Plain keys take the fast path (float within range); everything else the full one.
+    mapping = FieldMapping({"x": "x"})
+    big = 1.7976931348623157e308
+    assert mapping.extract({"x": big}) == {"x": big}
+    assert mapping.extract({"x": -0.0}) == {"x": -0.0}
+    assert mapping.extract({"x": 3}) == {"x": 3} and mapping.extract({"x": True}) == {"x": True}
+    for value, kind in [
+        (float("nan"), "non_finite"), (float("inf"), "non_finite"), (-float("inf"), "non_finite"),
+        ({"a": 1}, "type"), ([1.0], "type"),
+    ]:
+        with pytest.raises(InputError) as info:
+            mapping.extract({"x": value})
+        assert (info.value.kind, info.value.field) == (kind, "x")
+
+
 # ---- fuzz: whatever arrives, only InputError comes out -------------------------------
 
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
