@@ -88,7 +88,11 @@ class Demo:
     def _run_steps(self) -> None:
         say = self.steps.say
         self.workdir.mkdir(parents=True, exist_ok=True)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{self.workdir / 'mlflow.db'}"
+        uri = f"sqlite:///{self.workdir / 'mlflow.db'}"
+        # Both: MLflow reads the registry URI separately, and an inherited
+        # MLFLOW_REGISTRY_URI would send the model versions to another store.
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        os.environ["MLFLOW_REGISTRY_URI"] = uri
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         self.broker = start_broker(self.workdir / "broker", prefer=self.broker_choice)
         say("ok", f"MQTT broker: {self.broker.kind} on {self.broker.url}")
@@ -197,6 +201,7 @@ class Demo:
         import mlflow
 
         mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(os.environ["MLFLOW_REGISTRY_URI"])
         if mlflow.get_experiment_by_name("press-line") is None:
             mlflow.create_experiment(
                 "press-line", artifact_location=(self.workdir / "artifacts").as_uri()
