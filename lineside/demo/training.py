@@ -53,8 +53,8 @@ def log_and_register(
     """Log with ``mlflow.sklearn.log_model`` (skops format, MLflow's default) and register."""
     import mlflow
     import mlflow.sklearn
-    import skops.io
     import sklearn
+    import skops.io
     from mlflow.models import infer_signature
 
     mlflow.set_experiment(experiment)
