@@ -8,33 +8,16 @@ from __future__ import annotations
 
 from converter.variants import VARIANTS
 
-ESTIMATORS = (
-    "StandardScaler",
-    "MinMaxScaler",
-    "RobustScaler",
-    "PCA",
-    "IsolationForest",
-    "OneClassSVM",
-    "LocalOutlierFactor",
-    "RandomForestClassifier",
-    "RandomForestRegressor",
-    "ExtraTreesClassifier",
-    "ExtraTreesRegressor",
-    "GradientBoostingClassifier",
-    "GradientBoostingRegressor",
-    "HistGradientBoostingClassifier",
-    "HistGradientBoostingRegressor",
-    "LogisticRegression",
-    "LinearRegression",
-    "Ridge",
-    "Lasso",
-    "ElasticNet",
-    "SVC",
-    "SVR",
-    "MLPClassifier",
-    "MLPRegressor",
-    "KMeans",
-)
+# Rows: the preprocessing steps, then the final estimators lineside converts (the ONNX
+# builder's lists are the source; TFLite covers a subset of them).
+_PREPROCESSING_ORDER = ("StandardScaler", "MinMaxScaler", "RobustScaler", "PCA")
+
+
+def estimators() -> tuple[str, ...]:
+    from converter import onnx_build
+
+    steps = [n for n in _PREPROCESSING_ORDER if n in onnx_build.SUPPORTED_PREPROCESSING]
+    return (*steps, *sorted(onnx_build.SUPPORTED_ESTIMATORS))
 
 
 def matrix() -> dict[str, dict[str, str | None]]:
@@ -42,7 +25,7 @@ def matrix() -> dict[str, dict[str, str | None]]:
     from converter import onnx_build, tflite_build
 
     table: dict[str, dict[str, str | None]] = {}
-    for name in ESTIMATORS:
+    for name in estimators():
         row: dict[str, str | None] = {}
         for variant in VARIANTS:
             module = onnx_build if variant.startswith("onnx") else tflite_build

@@ -283,31 +283,13 @@ def fleet_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _collect(config: Any, wait_s: float) -> dict[str, Any]:
     """Merge the service's saved snapshot with the retained device states on the broker."""
-    from edge_agent.errors import BrokerError
-    from edge_agent.mqtt import LinkOptions, MqttLink
     from edge_agent.protocol.topics import Topics
-    from registry_sync.errors import BrokerUnavailableError
     from registry_sync.fleet import FleetMonitor, FleetView
     from registry_sync.state import read_json
 
     view = FleetView()
     view.load(read_json(config.state_dir / "fleet.json", {}))
-    b = config.broker
-    link = MqttLink(
-        LinkOptions(
-            url=b.url,
-            client_id=f"{b.client_id}-cli-{os.getpid()}",
-            username=b.username,
-            password=b.password,
-            ca=b.ca,
-            cert=b.cert,
-            key=b.key,
-        )
-    )
-    try:
-        link.start(wait=b.connect_timeout_s)
-    except BrokerError as exc:
-        raise BrokerUnavailableError(str(exc)) from exc
+    link = _started_link(config, "cli")
     try:
         FleetMonitor(link, Topics(config.topic_root), view, time.time).start()
         time.sleep(wait_s)
@@ -380,31 +362,13 @@ def fleet_watch(config_path: Path, interval: float) -> None:
     """A live view of the fleet (Ctrl-C to quit)."""
     from rich.live import Live
 
-    from edge_agent.errors import BrokerError
-    from edge_agent.mqtt import LinkOptions, MqttLink
     from edge_agent.protocol.topics import Topics
-    from registry_sync.errors import BrokerUnavailableError
     from registry_sync.fleet import FleetMonitor, FleetView
 
     with _errors():
         config = _load(config_path)
-        b = config.broker
         view = FleetView()
-        link = MqttLink(
-            LinkOptions(
-                url=b.url,
-                client_id=f"{b.client_id}-watch-{os.getpid()}",
-                username=b.username,
-                password=b.password,
-                ca=b.ca,
-                cert=b.cert,
-                key=b.key,
-            )
-        )
-        try:
-            link.start(wait=b.connect_timeout_s)
-        except BrokerError as exc:
-            raise BrokerUnavailableError(str(exc)) from exc
+        link = _started_link(config, "watch")
         FleetMonitor(link, Topics(config.topic_root), view, time.time).start()
         render: Callable[[], Any] = lambda: _table(fleet_rows(view.to_json()))  # noqa: E731
         try:
@@ -416,3 +380,28 @@ def fleet_watch(config_path: Path, interval: float) -> None:
             pass
         finally:
             link.stop(timeout=2.0)
+
+
+def _started_link(config: Any, role: str) -> Any:
+    """A connected MQTT link (``MqttLink``) for a CLI command, with a client id of its own."""
+    from edge_agent.errors import BrokerError
+    from edge_agent.mqtt import LinkOptions, MqttLink
+    from registry_sync.errors import BrokerUnavailableError
+
+    b = config.broker
+    link = MqttLink(
+        LinkOptions(
+            url=b.url,
+            client_id=f"{b.client_id}-{role}-{os.getpid()}",
+            username=b.username,
+            password=b.password,
+            ca=b.ca,
+            cert=b.cert,
+            key=b.key,
+        )
+    )
+    try:
+        link.start(wait=b.connect_timeout_s)
+    except BrokerError as exc:
+        raise BrokerUnavailableError(str(exc)) from exc
+    return link
