@@ -21,10 +21,10 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import tomllib
 
+from edge_agent.tomlcheck import Table
 from registry_sync.errors import SyncConfigError
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
 # MLflow's own default when nothing is configured: a sqlite file in the working dir.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_MISSING: Any = object()
 
 
 @dataclass(frozen=True)
@@ -141,94 +140,13 @@ class SyncConfig:
         return self.rollout.groups
 
 
-class _Table:
-    """Typed reads from one TOML table; errors name ``[table].key``."""
+class _Table(Table[SyncConfigError]):
+    """Typed reads from one TOML table; errors name ``[table].key`` (``edge_agent.tomlcheck``);
+    the top-level table's read ``key: problem``; lists may repeat entries (a command line)."""
 
-    def __init__(self, data: object, name: str, base: Path) -> None:
-        if not isinstance(data, dict):
-            raise SyncConfigError(f"[{name}]: expected a table, got {type(data).__name__}")
-        self.data: dict[str, Any] = data
-        self.name = name
-        self.base = base
-        self.used: set[str] = set()
-
-    def error(self, key: str, problem: str) -> SyncConfigError:
-        return SyncConfigError(
-            f"[{self.name}].{key}: {problem}" if self.name else f"{key}: {problem}"
-        )
-
-    def raw(self, key: str, default: Any = _MISSING) -> Any:
-        self.used.add(key)
-        if key in self.data:
-            return self.data[key]
-        if default is _MISSING:
-            raise self.error(key, "required key is missing")
-        return default
-
-    def text(
-        self, key: str, default: Any = _MISSING, pattern: re.Pattern[str] | None = None
-    ) -> Any:
-        value = self.raw(key, default)
-        if default is not _MISSING and value is default:
-            return value
-        if not isinstance(value, str) or not value:
-            raise self.error(key, f"expected a non-empty string, got {value!r}")
-        if pattern is not None and not pattern.match(value):
-            raise self.error(key, f"{value!r} does not match {pattern.pattern}")
-        return value
-
-    def number(
-        self, key: str, default: Any, *, low: float, high: float, integer: bool = False
-    ) -> Any:
-        value: Any = self.raw(key, default)
-        kinds: tuple[type, ...] = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise self.error(
-                key, f"expected {'an integer' if integer else 'a number'}, got {value!r}"
-            )
-        number = float(value) if isinstance(value, (int, float)) else 0.0
-        if not low <= number <= high:
-            raise self.error(key, f"must be between {low:g} and {high:g}, got {value!r}")
-        return value
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self.raw(key, default)
-        if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {value!r}")
-        return value
-
-    def str_list(
-        self, key: str, default: Any = _MISSING, *, non_empty: bool = False
-    ) -> tuple[str, ...]:
-        value = self.raw(key, default)
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self.error(key, f"expected a list of non-empty strings, got {value!r}")
-        if non_empty and not value:
-            raise self.error(key, "must not be empty")
-        return tuple(value)
-
-    def path(self, key: str, *, must_exist: bool, default: Any = _MISSING) -> Any:
-        value = self.text(key, default)
-        if value is None:
-            return None
-        return self.resolve(key, value, must_exist=must_exist)
-
-    def resolve(self, key: str, value: str, *, must_exist: bool) -> Path:
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = self.base / path
-        if must_exist and not path.is_file():
-            raise self.error(key, f"file not found: {path}")
-        return path
-
-    def table(self, key: str, *, required: bool = False) -> _Table:
-        value = self.raw(key, _MISSING if required else {})
-        return _Table(value, f"{self.name}.{key}" if self.name else key, self.base)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key")
+    error_type = SyncConfigError
+    bare_root = True
+    unique_lists = False
 
 
 def load_sync_config(path: Path, *, environ: Mapping[str, str] | None = None) -> SyncConfig:
