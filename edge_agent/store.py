@@ -213,6 +213,11 @@ class ModelStore:
         """Rollback candidates, newest first (the active one excluded)."""
         return list(self._state.active.get(model, [])[1:])
 
+    def has_previous(self, model: str) -> bool:
+        """Whether ``rollback`` would find an intact version of ``model`` to go back to."""
+        chain = self._state.active.get(model, [])
+        return any(s not in self._state.bad and self._verify(s) for s in chain[1:])
+
     def is_bad(self, sha: str) -> bool:
         return sha in self._state.bad
 
@@ -351,6 +356,15 @@ class ModelStore:
         self._save(new)
         self._collect_garbage()
         return self.active(model)
+
+    def discard(self, sha: str) -> None:
+        """Forget an installed version that will not be activated (an abandoned update);
+        its directory goes unless a pointer still references it."""
+        self._pending.discard(sha)
+        if not any(sha in chain for chain in self._state.active.values()):
+            model_dir = self.models_dir / sha
+            if model_dir.is_dir() and not model_dir.is_symlink():
+                self._fs.rmtree(model_dir)
 
     def _save(self, new: _State) -> None:
         # Copy-on-write: memory changes only after the atomic write succeeded.

@@ -17,6 +17,8 @@
     │   └── DuplicateChunk              "duplicate_chunk"     chunk already received
     ├── FileHashMismatch                "file_hash"           assembled file size/sha256 differ
     ├── DownloadTimeout                 "download_timeout"    chunks missing at the deadline
+    ├── UpdateStalled                   "update_stalled"      one updater step ran past
+    │                                                         limits.step_deadline_s
     ├── ModelLoadFailed                 "load_failed"         the runtime cannot load the model
     ├── GoldenMismatch                  "golden_mismatch"     golden inputs give other outputs
     └── InputsMismatch                  "schema_mismatch"     the model's inputs do not fit the
@@ -48,6 +50,7 @@ __all__ = [
     "UnsafeModel",
     "UnsupportedManifestVersion",
     "UpdateRejected",
+    "UpdateStalled",
     "WrongTarget",
 ]
 
@@ -145,6 +148,14 @@ class DownloadTimeout(UpdateRejected):
     """Chunks were still missing when the update deadline passed."""
 
     code = "download_timeout"
+
+
+class UpdateStalled(UpdateRejected):
+    """One step of the updater (a call in verify, install, load, smoke test, activate, a
+    chunk write, the manifest check or the health check) ran past ``limits.step_deadline_s``.
+    The update is abandoned and its version not retried until a newer manifest."""
+
+    code = "update_stalled"
 
 
 class ModelLoadFailed(UpdateRejected):

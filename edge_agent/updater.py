@@ -28,7 +28,22 @@ After activation the model is *watched*: its ``HealthWindow`` (config ``[health]
 judges errors, NaN outputs and latency; a failed window rolls back
 (``store.rollback``, reload the previous version, swap back, mark the bad one,
 event ``rolled_back``). A refused valid-but-bad model has its sequence recorded so the
-same retained manifest is not retried; a newer manifest clears the mark.
+same retained manifest is not retried; a newer manifest clears the mark. A failed window
+with no previous version to go back to keeps the version serving, reported
+``rollback_unavailable`` and shown ``degraded`` in ``state`` until a newer manifest
+replaces it (serving nothing would turn every sensor message into a ``no_model`` error).
+
+Watchdog: every step of the updater thread (one chunk write, the manifest check, each of
+verifying .. activating, the health check) runs against ``limits.step_deadline_s``. A
+Python thread cannot be killed, so a step past it is *abandoned*, not stopped: the
+``updater-watchdog`` thread reports ``update_stalled`` (state, elapsed time) and persists
+the manifest in ``stalled.json``; inference keeps serving the old model on its own
+thread. If the stuck call returns, its result is dropped (never activated) and the version
+is marked bad with its sequence recorded (not retried until a newer manifest). Past
+``STALL_RESTART_FACTOR`` times the deadline ``healthy()`` turns false: ``Agent.run``
+stops pinging systemd's watchdog and exits for a restart, and the next start applies
+``stalled.json`` before anything loads (old version serving, the stalled one reported
+``update_stalled`` with ``restarted: true``).
 
 Undeploy (registry_sync's signed form: ``"undeployed": true`` and
 ``"on_undeploy": "keep" | "stop"`` as extra signed fields of a normal manifest): after
@@ -70,10 +85,11 @@ from edge_agent.update_errors import (
     DownloadTimeout,
     DuplicateChunk,
     UnexpectedChunk,
+    UpdateStalled,
     WrongTarget,
 )
 
-__all__ = ["TRANSITIONS", "State", "Updater", "runtime_installed"]
+__all__ = ["STALL_RESTART_FACTOR", "TRANSITIONS", "State", "Updater", "runtime_installed"]
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +119,14 @@ TRANSITIONS: Mapping[State, frozenset[State]] = {
 }
 
 MAX_UNCONFIRMED_STARTS = 3  # starts a new version gets to pass its health window
+STALL_RESTART_FACTOR = 2.0  # a step stuck this many step deadlines: unhealthy, restart
+MAX_STALLED_DIGESTS = 16  # unverified manifests (stalled while checking) remembered
+
+
+class _AbandonedStepError(Exception):
+    """The watchdog abandoned the current step; raised on the updater thread when the
+    stuck call returns, so its result is dropped."""
+
 
 _RUNTIME_MODULES = {"onnxruntime": ("onnxruntime",), "tflite": ("ai_edge_litert", "tflite_runtime")}
 
@@ -179,11 +203,19 @@ class Updater:
         self._watching: dict[str, LoadedModel] = {}
         self._undeployed = _UndeployedFile(config.state_dir / "undeployed.json", fs)
         self._starts = _StartAttempts(config.state_dir / "unconfirmed.json", fs)
+        self._degraded = _ModelNotes(config.state_dir / "degraded.json", fs)
+        self._stalled_file = _StalledFile(config.state_dir / "stalled.json", fs)
+        # Watchdog state, shared with the updater-watchdog thread under _wd_lock.
+        self._wd_lock = threading.Lock()
+        self._busy: tuple[str, float] | None = None  # (step, monotonic start) running now
+        self._stalled: dict[str, Any] | None = None  # the step the watchdog abandoned
+        self._checking: tuple[str, str, str] | None = None  # (digest, group, model)
         self.state = State.IDLE
         self.history: list[tuple[State, State]] = []
         self.snapshot: dict[str, Any] = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watchdog_thread: threading.Thread | None = None
         self._refresh_snapshot()
 
     # ---- start-up: serve from disk before any network -----------------------------
@@ -192,6 +224,7 @@ class Updater:
         """Load every configured model's active version from the store; returns the
         names now serving. A version that no longer loads is rolled back past."""
         serving = []
+        self._recover_stalled()
         for name, model_config in self._models.items():
             if self._undeployed.stops(name):
                 continue
@@ -226,6 +259,59 @@ class Updater:
         reason = f"did not pass its health window in {MAX_UNCONFIRMED_STARTS} starts"
         self._event("rolled_back", f"{name}: {reason}", bad, reason=reason, starts=starts - 1)
         return None
+
+    def _recover_stalled(self) -> None:
+        """At start: a step that stalled before the restart (the process was restarted
+        while a call was stuck, or the call returned after the marker was written):
+        its version is rejected before anything loads, and reported."""
+        entries = self._stalled_file.entries()
+        if not entries:
+            return
+        done = []
+        for digest, entry in entries.items():
+            self._settled.add(digest)
+            if entry.get("reported"):
+                continue
+            context = {k: entry.get(k) for k in ("model", "version", "sequence", "sha256")}
+            try:
+                rolled_back = self._reject_stalled(entry) if entry.get("sha256") else False
+            except (OSError, AgentError, KeyError, ValueError, TypeError) as exc:
+                log.error("cannot record the stalled update %s as rejected: %s", digest, exc)
+                continue  # skipped in memory; stalled.json keeps it for the next start
+            done.append(digest)
+            self._emit(
+                "update",
+                UpdateStalled.code,
+                f"{entry.get('model')} version {entry.get('version')} was abandoned after "
+                f"stalling in {entry.get('step')} before the restart; not retried until a "
+                "newer manifest",
+                **context,
+                group=entry.get("group"),
+                state=self.state.value,
+                step=entry.get("step"),
+                restarted=True,
+                rolled_back=rolled_back,
+            )
+        with contextlib.suppress(OSError):
+            self._stalled_file.settle(*done)
+
+    def _reject_stalled(self, entry: Mapping[str, Any]) -> bool:
+        """Treat a stalled (trusted, accepted) manifest like a refused bad model: marked
+        bad, its sequence recorded; rolled back if its activation had been written.
+        Returns whether the store was rolled back."""
+        model, sha, group = str(entry["model"]), str(entry["sha256"]), str(entry["group"])
+        sequence, issued_at = int(entry["sequence"]), int(entry["issued_at"])
+        active = self.store.active(model)
+        rolled_back = active is not None and active.sha256 == sha
+        if rolled_back:
+            self.store.rollback(model, mark_bad=True)
+            self._starts.clear(model)
+        else:
+            self.store.mark_bad(sha, issued_at)
+        accepted = self.store.accepted_sequence(group, model)
+        if accepted is None or accepted < sequence:
+            self.store.record_sequence(group, model, sequence, issued_at)
+        return rolled_back
 
     def _watch(self, loaded: LoadedModel) -> None:
         h = self.config.health
@@ -263,19 +349,155 @@ class Updater:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="updater", daemon=True)
         self._thread.start()
+        self._watchdog_thread = threading.Thread(
+            target=self._watchdog_loop, name="updater-watchdog", daemon=True
+        )
+        self._watchdog_thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._watchdog_thread is not None:
+            self._watchdog_thread.join(timeout)
         # A clean stop is not a crash: only starts that follow an unclean end count
         # towards MAX_UNCONFIRMED_STARTS (the health window still runs again next start).
+        # A stop with a step stuck is not clean.
+        if self._stalled is None and self._busy is None:
+            with contextlib.suppress(Exception):
+                self._starts.reset_counts()
+
+    # ---- watchdog (a thread of its own; see the module docstring) ------------------
+
+    def _watchdog_loop(self) -> None:
+        period = min(1.0, self.config.limits.step_deadline_s / 4)
+        while not self._stop.wait(period):
+            try:
+                self.check_watchdog()
+            except Exception:  # the watchdog must outlive its own failures
+                log.exception("updater watchdog failed")
+
+    def check_watchdog(self, now: float | None = None) -> dict[str, Any] | None:
+        """Abandon the running step if it has run past ``limits.step_deadline_s``:
+        persist the marker, report ``update_stalled``. Returns the stall when it is newly
+        flagged. ``now`` is ``time.monotonic()`` (tests move it)."""
+        now = time.monotonic() if now is None else now
+        deadline = self.config.limits.step_deadline_s
+        with self._wd_lock:
+            busy = self._busy
+            if busy is None or self._stalled is not None or now - busy[1] <= deadline:
+                return None
+            step, since = busy
+            job = self._job
+            stall: dict[str, Any] = {"step": step, "elapsed_s": round(now - since, 3)}
+            entry: dict[str, Any] | None = None
+            if job is not None:
+                m = job.manifest
+                stall["digest"] = job.digest
+                entry = {
+                    "step": step,
+                    "model": m.model,
+                    "group": job.accepted.group,
+                    "version": m.version,
+                    "sequence": m.sequence,
+                    "issued_at": m.issued_at,
+                    "sha256": m.model_sha256,
+                }
+            elif step == State.CHECKING.value and self._checking is not None:
+                # Not verified yet: nothing goes into the trusted state, only its digest
+                # is remembered (skipped, not retried).
+                digest, group, model = self._checking
+                stall["digest"] = digest
+                entry = {"step": step, "model": model, "group": group}
+            stall["entry"] = entry
+            self._stalled = stall
+            persisted = False
+            if entry is not None:
+                try:  # under the lock: the updater thread settles it only after this
+                    self._stalled_file.add(stall["digest"], entry)
+                    persisted = True
+                except OSError as exc:
+                    log.error("cannot persist the stalled update: %s", exc)
+        log.error("updater step %s stalled for %.1fs; abandoned", step, now - since)
+        text = f"updater stuck in {step} for {now - since:.1f}s (step deadline {deadline:g}s); " + (
+            "the update is abandoned, the serving model is unchanged"
+            if entry
+            else "the step is abandoned"
+        )
         with contextlib.suppress(Exception):
-            self._starts.reset_counts()
+            self._event(
+                UpdateStalled.code,
+                text,
+                job.manifest if job is not None else None,
+                job.accepted.group if job is not None else None,
+                step=step,
+                elapsed_s=stall["elapsed_s"],
+                deadline_s=deadline,
+                persisted=persisted,
+            )
+            self._on_state_change()
+        return stall
+
+    def healthy(self, now: float | None = None) -> bool:
+        """False once a step has been stuck for ``STALL_RESTART_FACTOR`` step deadlines:
+        the process must be restarted (``Agent.run`` exits, systemd restarts it). Reads
+        memory only, never blocks."""
+        busy = self._busy
+        if busy is None:
+            return True
+        now = time.monotonic() if now is None else now
+        return now - busy[1] <= self.config.limits.step_deadline_s * STALL_RESTART_FACTOR
+
+    def _busy_enter(self, step: str) -> None:
+        """A new step starts (its deadline clock restarts); abandoned if flagged."""
+        with self._wd_lock:
+            if self._stalled is not None:
+                raise _AbandonedStepError(self._stalled["step"])
+            self._busy = (step, time.monotonic())
+
+    def _checkpoint(self) -> None:
+        with self._wd_lock:
+            if self._stalled is not None:
+                raise _AbandonedStepError(self._stalled["step"])
+
+    def _busy_end(self) -> None:
+        with self._wd_lock:
+            if self._stalled is not None:
+                raise _AbandonedStepError(self._stalled["step"])
+            self._busy = None
+
+    def _abandon_stalled(self) -> None:
+        """The stuck call returned (or raised): drop its result, reject its version."""
+        with self._wd_lock:
+            stall, self._stalled = self._stalled, None
+            self._busy = None
+            self._checking = None
+        if stall is None:
+            return
+        log.warning("the stalled %s step returned; its result is dropped", stall["step"])
+        digest, entry = stall.get("digest"), stall.get("entry")
+        if digest:
+            self._settled.add(digest)
+        if entry is not None and digest:
+            try:
+                if entry.get("sha256"):
+                    self._reject_stalled(entry)
+                    self.store.discard(str(entry["sha256"]))
+                with self._wd_lock:
+                    self._stalled_file.settle(digest)
+            except (OSError, AgentError) as exc:  # stalled.json still says it: next start
+                log.error("cannot record the stalled update as rejected: %s", exc)
+        self._abandon()
+        with contextlib.suppress(Exception):
+            self._refresh_snapshot()
+            self._on_state_change()
 
     def status(self) -> dict[str, Any]:
         job = self._job
         out: dict[str, Any] = {"state": self.state.value, "watching": sorted(self._watching)}
+        stall = self._stalled
+        if stall is not None:
+            out["stalled"] = {"step": stall["step"], "elapsed_s": stall["elapsed_s"]}
         if job is not None:
             out |= {
                 "model": job.manifest.model,
@@ -308,9 +530,17 @@ class Updater:
 
         An unexpected error ends the current update, reported, never the updater thread."""
         try:
+            self._busy_enter(self.state.value)
             self._dispatch(kind, item)
+            self._busy_enter(self.state.value)
             self._tick()
+            self._busy_end()
+        except _AbandonedStepError:
+            self._abandon_stalled()
         except Exception as exc:  # one bad message must not end updates for good
+            if self._stalled is not None:  # the stuck call ended in an error: same thing
+                self._abandon_stalled()
+                return
             log.exception("updater step %s failed", kind)
             self._unexpected(exc)
 
@@ -329,6 +559,9 @@ class Updater:
                 else:
                     self._event(code, text, job.manifest, job.accepted.group)
         self._abandon()
+        with self._wd_lock:
+            self._busy = None
+            self._checking = None
         with contextlib.suppress(Exception):
             self._refresh_snapshot()
             self._on_state_change()
@@ -356,6 +589,10 @@ class Updater:
     # ---- state ----------------------------------------------------------------------
 
     def _enter(self, state: State) -> None:
+        if state is State.IDLE:
+            self._checkpoint()
+        else:
+            self._busy_enter(state.value)
         if state not in TRANSITIONS[self.state]:
             raise AgentError(f"update state {self.state.value} -> {state.value} is not allowed")
         self.history.append((self.state, state))
@@ -367,6 +604,9 @@ class Updater:
         for name, entry in models.items():
             entry["desired"] = not self._undeployed.has(name)
             entry["serving"] = self._engine.current(name) is not None
+            degraded = self._degraded.get(name)
+            if degraded is not None and degraded[0] == entry.get("sha256"):
+                entry["degraded"] = degraded[1]
         self.snapshot = models
 
     def _event(
@@ -418,6 +658,7 @@ class Updater:
 
     def _start_update(self, group: str, model: str, raw: bytes) -> None:
         digest = _digest(raw) or ""
+        self._checking = (digest, group, model)
         self._enter(State.CHECKING)
         try:
             accepted = check_manifest(
@@ -430,20 +671,26 @@ class Updater:
                 policy=self._policy,
             )
             self._check_variant(accepted.manifest)
+            self._checkpoint()
         except UpdateRejected as exc:
+            self._checkpoint()
             self._settled.add(digest)
             self._event(exc.code, str(exc), group=group, model=model)
             self._enter(State.IDLE)
             return
         manifest = accepted.manifest
         if manifest.extra.get("undeployed") is True:
+            self._checking = None
             self._undeploy(accepted, digest)
             return
         self._event("accepted", f"{model} version {manifest.version} accepted", manifest, group)
-        self._job = _Job(
+        job = _Job(
             accepted, raw, digest, deadline=time.monotonic() + self.config.limits.update_deadline_s
         )
-        self._begin_download(self._job)
+        with self._wd_lock:  # a stall from here on abandons the job (it has a sequence)
+            self._job = job
+            self._checking = None
+        self._begin_download(job)
 
     def _check_variant(self, manifest: Manifest) -> None:
         if manifest.variant not in self.config.variants:
@@ -511,8 +758,10 @@ class Updater:
             self._enter(State.INSTALLING)
             self.store.install(job.raw, manifest)
         except (UpdateRejected, StoreError) as exc:
+            self._checkpoint()
             self._fail(exc)
             return
+        self._checkpoint()
         self._event(
             "installed", f"{manifest.model} version {manifest.version} installed", manifest, group
         )
@@ -527,6 +776,7 @@ class Updater:
             check_golden(loaded.session, manifest)
             check_inputs_fit(loaded.session, manifest, model_config.fields)
         except UpdateRejected as exc:
+            self._checkpoint()
             # A valid but bad model: never retried until a newer manifest names it.
             self.store.mark_bad(manifest.model_sha256, manifest.issued_at)
             self.store.record_sequence(group, manifest.model, manifest.sequence, manifest.issued_at)
@@ -541,10 +791,15 @@ class Updater:
         with contextlib.suppress(OSError):  # crash-loop protection only; never block the swap
             self._starts.set(manifest.model, manifest.model_sha256, 0)
         self._undeployed.clear(manifest.model)
+        self._degraded.clear(manifest.model)
+        with self._wd_lock:  # the commit point: abandoned before it, committed after it
+            if self._stalled is not None:
+                raise _AbandonedStepError(self._stalled["step"])  # the store is rolled back
+            self._job = None
+            self._busy = ("activated", time.monotonic())
         self._watch(loaded)
         self._engine.install(loaded)  # then the in-memory swap, under the engine's lock
         self._settled.add(job.digest)
-        self._job = None
         self._event(
             "activated",
             f"{manifest.model} version {manifest.version} is serving",
@@ -598,8 +853,10 @@ class Updater:
             if loaded.health is None:
                 del self._watching[name]
                 continue
+            self._busy_enter("watched")
             with loaded.health_lock:
                 verdict, reason = loaded.health.verdict(now)
+            self._checkpoint()
             if verdict == "healthy":
                 loaded.health = None
                 del self._watching[name]
@@ -609,7 +866,29 @@ class Updater:
                 )
             elif verdict == "failed":
                 del self._watching[name]
-                self._rollback(name, reason or "health window failed")
+                if self.store.has_previous(name):
+                    self._rollback(name, reason or "health window failed")
+                else:
+                    self._degrade(loaded, reason or "health window failed")
+
+    def _degrade(self, loaded: LoadedModel, reason: str) -> None:
+        """A failed health window with nothing to roll back to (the first version ever
+        installed): serving it beats serving nothing. It stays active, is no longer
+        counted as unconfirmed, shows ``degraded`` in ``state`` and is replaced by the
+        next newer manifest like any version."""
+        name = loaded.name
+        self._starts.clear(name)
+        self._degraded.set(name, loaded.sha256, reason)
+        self._event(
+            "rollback_unavailable",
+            f"{name}: {reason}; no previous version to roll back to, version "
+            f"{loaded.manifest.version} keeps serving (degraded) until a newer manifest",
+            loaded.manifest,
+            reason=reason,
+            degraded=True,
+        )
+        self._refresh_snapshot()
+        self._on_state_change()
 
     def _rollback(self, name: str, reason: str) -> LoadedModel | None:
         """Back to the previous intact version; the abandoned one is marked bad."""
@@ -629,6 +908,7 @@ class Updater:
             self._engine.remove(name)
         self._watching.pop(name, None)
         self._starts.clear(name)
+        self._degraded.clear(name)
         if bad is not None:
             self._settled.add(bad.digest)
         to = loaded.describe() if loaded is not None else None
@@ -746,6 +1026,84 @@ class _StartAttempts:
     def _save(self) -> None:
         body = {m: [sha, n] for m, (sha, n) in self._models.items()}
         self._fs.atomic_write(self.path, json.dumps(body, sort_keys=True).encode())
+
+
+class _ModelNotes:
+    """model -> [sha256, note] (``degraded.json``: a version that failed its health window
+    with nothing to roll back to; the note is the reason)."""
+
+    def __init__(self, path: Path, fs: FileSystem) -> None:
+        self.path = path
+        self._fs = fs
+        try:
+            raw = json.loads(path.read_bytes()) if path.exists() else {}
+            self._models = {str(k): (str(v[0]), str(v[1])) for k, v in dict(raw).items()}
+        except (OSError, ValueError, TypeError, IndexError, KeyError):
+            self._models = {}
+
+    def get(self, model: str) -> tuple[str, str] | None:
+        return self._models.get(model)
+
+    def set(self, model: str, sha: str, note: str) -> None:
+        self._models[model] = (sha, note)
+        self._save()
+
+    def clear(self, model: str) -> None:
+        if self._models.pop(model, None) is not None:
+            self._save()
+
+    def _save(self) -> None:
+        body = {m: [sha, note] for m, (sha, note) in self._models.items()}
+        self._fs.atomic_write(self.path, json.dumps(body, sort_keys=True).encode())
+
+
+class _StalledFile:
+    """manifest digest -> what the watchdog abandoned (``stalled.json``).
+
+    Written by the watchdog thread the moment a step overruns, so a restart that follows
+    (systemd, the hard bound) still rejects the version. An accepted manifest's entry
+    (model, group, version, sequence, issued_at, sha256) is removed once the store holds
+    the rejection (bad mark + sequence); an unverified one (stalled while checking) keeps
+    only its digest, ``reported``, so the same manifest is skipped, never trusted."""
+
+    def __init__(self, path: Path, fs: FileSystem) -> None:
+        self.path = path
+        self._fs = fs
+        try:
+            raw = json.loads(path.read_bytes()) if path.exists() else {}
+            self._entries = {str(k): dict(v) for k, v in dict(raw).items()}
+        except (OSError, ValueError, TypeError):
+            self._entries = {}
+
+    def entries(self) -> dict[str, dict[str, Any]]:
+        return {k: dict(v) for k, v in self._entries.items()}
+
+    def add(self, digest: str, entry: Mapping[str, Any]) -> None:
+        self._entries[digest] = dict(entry)
+        self._save()
+
+    def settle(self, *digests: str) -> None:
+        """Their rejection is recorded in the store, or reported: keep what skips them."""
+        if not any(d in self._entries for d in digests):
+            return
+        for digest in digests:
+            entry = self._entries.get(digest)
+            if entry is None:
+                continue
+            if entry.get("sha256"):
+                del self._entries[digest]
+            else:
+                entry["reported"] = True
+        unverified = [d for d, e in self._entries.items() if not e.get("sha256")]
+        for digest in unverified[:-MAX_STALLED_DIGESTS]:
+            del self._entries[digest]
+        self._save()
+
+    def _save(self) -> None:
+        if not self._entries and not self.path.exists():
+            return
+        body = json.dumps(self._entries, sort_keys=True).encode()
+        self._fs.atomic_write(self.path, body)
 
 
 class _UndeployedFile:

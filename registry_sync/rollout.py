@@ -5,12 +5,14 @@ order; group ``k+1`` gets it only when the gate on group ``k`` holds:
 
 - at least ``min_devices`` devices of group ``k`` report the new version active and
   online, each continuously for ``healthy_for_s`` seconds;
-- no ``rolled_back`` update event for the model from a device of the group since the
+- no failing update event (``rolled_back``, ``update_stalled``, ``rollback_unavailable``:
+  the version was rolled back, hung a device's updater, or failed its health window
+  with nothing to fall back to) for the model from a device of the group since the
   stage began;
 - their error rate (telemetry ``errors / rows`` on the new version) is at most
   ``max_error_rate``.
 
-The gate *fails* (the rollout halts) on a rollback event, on an error rate above the
+The gate *fails* (the rollout halts) on such an event, on an error rate above the
 threshold, or when ``stage_timeout_s`` passes without the gate holding. A device belongs
 to group ``k`` when it reported an update event naming that group for the model, or its
 state carries the sequence we published on that group's topic.
@@ -99,6 +101,14 @@ def start_rollout(
     return r
 
 
+# Update events that condemn the version being rolled out (docs/protocol.md section 8.2).
+FAILING_EVENTS = {
+    "rolled_back": "rolled back",
+    "update_stalled": "stalled updating",
+    "rollback_unavailable": "failed its health window (no previous version) on",
+}
+
+
 def _is_member(rec: DeviceRecord, model: str, group: str, sequence: int | None) -> bool:
     if group in rec.groups.get(model, []):
         return True
@@ -120,14 +130,15 @@ def evaluate_gate(
     )
     for name in members:
         for ev in devices[name].events:
+            code = str(ev.get("code"))
             if (
-                ev.get("code") == "rolled_back"
+                code in FAILING_EVENTS
                 and ev.get("model") == model
                 and float(ev.get("received", 0)) >= rollout.stage_started_at
             ):
                 return GateResult(
                     "fail",
-                    f"device {name} rolled back {model} ({ev.get('message', '')})".strip(),
+                    f"device {name} {FAILING_EVENTS[code]} {model} ({ev.get('message', '')})",
                     members=tuple(members),
                 )
     rows = errors = 0

@@ -275,3 +275,26 @@ def test_gate_rules() -> None:
     assert r.stage == 1 and r.live_groups() == ["canary", "all"]
     rollback = start_rollout(settings, "m", 1, now, at_once=True, previous={})
     assert rollback.status == "complete"
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        ("rolled_back", "rolled back"),
+        ("update_stalled", "stalled updating"),
+        ("rollback_unavailable", "failed its health window (no previous version) on"),
+    ],
+)
+def test_gate_fails_on_a_condemning_update_event(code: str, words: str) -> None:
+    settings = RolloutSettings(groups=("canary", "all"), min_devices=1, healthy_for_s=0)
+    now = 10_000.0
+    r = start_rollout(settings, "m", 2, now - 200, at_once=False, previous={})
+    view = _view(now, a={}, b={})
+    assert evaluate_gate(settings, r, view, now, group_sequence=None).verdict == "pass"
+    # the same event from before the stage began, or about another model, does not count
+    view["b"].events.append({"code": code, "model": "m", "received": now - 300})
+    view["b"].events.append({"code": code, "model": "other", "received": now - 1})
+    assert evaluate_gate(settings, r, view, now, group_sequence=None).verdict == "pass"
+    view["b"].events.append({"code": code, "model": "m", "received": now - 1, "message": "x"})
+    gate = evaluate_gate(settings, r, view, now, group_sequence=None)
+    assert gate.verdict == "fail" and f"device b {words} m (x)" in gate.reason

@@ -253,6 +253,8 @@ class Gateway:
         self.updater._fs = fs
         self.updater._undeployed._fs = fs
         self.updater._starts._fs = fs
+        self.updater._degraded._fs = fs
+        self.updater._stalled_file._fs = fs
 
     def step(self, kind: str, item: Any) -> None:
         """One iteration of the updater thread's loop, for one queue item."""
