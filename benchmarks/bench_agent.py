@@ -39,6 +39,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from edge_agent.protocol.predictions import iter_predictions  # noqa: E402
 from tests.support.broker import running_broker  # noqa: E402
 from tests.support.publisher import Bundle, Publisher, write_config  # noqa: E402
 
@@ -142,13 +143,16 @@ class Rig:
     def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
         now = time.time()
         body = json.loads(msg.payload)
-        ts = body.get("source", body).get("ts")
-        with self._lock:
-            if self.first_at is None:
-                self.first_at = now
-            self.received.append(now)
-            if isinstance(ts, float):
-                self.latencies.append((now - ts) * 1000.0)
+        # The agent groups the answers of one micro-batch into one message; the minimal
+        # loop's replies are flat. Every answered input counts once.
+        for prediction in iter_predictions(body):
+            ts = prediction.get("source", prediction).get("ts")
+            with self._lock:
+                if self.first_at is None:
+                    self.first_at = now
+                self.received.append(now)
+                if isinstance(ts, float):
+                    self.latencies.append((now - ts) * 1000.0)
 
     def reset(self) -> None:
         with self._lock:

@@ -9,8 +9,9 @@ Threads: paho's network thread (``MqttLink``) only enqueues; the micro-batch wor
 parses, infers, stores predictions and hands them to the link during the commit's fsync
 (``OutboxPump.put_and_send``); the updater owns the store and the downloads;
 the outbox pump publishes and deletes on PUBACK; the telemetry thread publishes QoS 0.
-``run`` watches ``MqttLink.healthy()`` and pings systemd's watchdog; a link that stays
-unhealthy ends the agent with a non-zero exit so systemd restarts it.
+``run`` watches ``MqttLink.healthy()`` and ``Updater.healthy()`` and pings systemd's
+watchdog; a link that stays unhealthy, or an updater step stuck past twice
+``limits.step_deadline_s``, ends the agent with a non-zero exit so systemd restarts it.
 
 Everything published goes through the on-disk outbox (QoS 1), except telemetry (QoS 0,
 dropped while offline) and the online/offline state that ``MqttLink`` sends itself.
@@ -132,6 +133,7 @@ class Agent:
             telemetry=self.telemetry,
             on_error=self._input_error,
             prediction_topic=self.topics.predictions(device),
+            acknowledge=self._ack_inputs,
         )
         self.updater = Updater(
             config,
@@ -156,7 +158,8 @@ class Agent:
         self.engine.start()
         self.link = self._make_link()
         for topic_filter in self.engine.input_filters():
-            self.link.subscribe(topic_filter, self._on_sensor)
+            # Acknowledged only once answered and on disk (``_ack_inputs``).
+            self.link.subscribe(topic_filter, self._on_sensor, ack="manual")
         self.updater.attach(self.link)
         self.pump = OutboxPump(self.outbox, self.link)
         self.pump.start()
@@ -189,6 +192,14 @@ class Agent:
         """Block until ``stop()``; returns the exit code (non-zero: restart me)."""
         unhealthy_since: float | None = None
         while not self._stop.wait(tick_s):
+            if not self.updater.healthy():
+                # A step stuck past STALL_RESTART_FACTOR step deadlines (its update was
+                # abandoned and recorded in stalled.json at the first deadline): no more
+                # WATCHDOG=1, exit for a restart; if stop() hangs too, systemd's watchdog
+                # kills the process. The next start serves the old version.
+                log.critical("updater thread stuck; exiting for a restart")
+                self.stop()
+                return EXIT_UNHEALTHY
             link = self.link
             if link is None or link.healthy():
                 unhealthy_since = None
@@ -236,7 +247,25 @@ class Agent:
     # ---- messages in ------------------------------------------------------------------
 
     def _on_sensor(self, message: Message) -> None:
-        self.engine.submit(message.topic, message.payload)  # network thread: enqueue only
+        # On the network thread. A lone message with nothing behind it on the socket is
+        # answered right here (no thread hand-off); under load it is queued for the
+        # micro-batch worker.
+        link = self.link
+        if (
+            link is not None
+            and not link.input_waiting()
+            and self.engine.run_now(message.topic, message.payload, message)
+        ):
+            return
+        self.engine.submit(message.topic, message.payload, message)
+
+    def _ack_inputs(self, messages: list[Any]) -> None:
+        link = self.link
+        if link is None:
+            return
+        acked = [link.ack(m) for m in messages if isinstance(m, Message)]
+        if any(acked):
+            link.flush()
 
     # ---- messages out -----------------------------------------------------------------
 

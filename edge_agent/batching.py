@@ -8,6 +8,12 @@ throughput ceiling (field notes section 4), so rows are grouped. The latency rul
 - only when more rows were already waiting (evidence of load) does it linger up to
   ``window_ms`` to fill the batch, never past ``max_rows``.
 
+``run_now`` is the zero-hand-off path: when nothing is queued or running, the caller's
+thread (the MQTT network thread) runs a lone row itself, saving the thread wake-up that
+dominates latency at low load. The caller decides when that is safe (nothing else
+waiting on the socket, a fast model); the batcher guarantees order: a row runs inline
+only when no earlier row is queued or in progress.
+
 The queue is bounded: ``submit`` returns False when it is full (the caller counts an
 "overload" error) instead of growing memory without limit. Exceptions from ``run`` are
 logged and counted; the worker keeps going.
@@ -77,6 +83,11 @@ class MicroBatcher(Generic[T]):
         self.batches = 0
         self.rows = 0
         self.run_errors = 0
+        self.inline = 0
+        # Rows submitted (or running inline) and not yet finished. Only the producer
+        # thread raises it, so "zero" seen by the producer stays zero until it acts.
+        self._outstanding = 0
+        self._count_lock = threading.Lock()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._work, name="micro-batcher", daemon=True)
@@ -84,11 +95,36 @@ class MicroBatcher(Generic[T]):
 
     def submit(self, item: T) -> bool:
         """Queue one row; False if the queue is full (never blocks the MQTT thread)."""
+        with self._count_lock:
+            self._outstanding += 1
         try:
             self._queue.put_nowait(item)
         except queue.Full:
+            self._finished(1)
             return False
         return True
+
+    def run_now(self, item: T) -> bool:
+        """Run ``item`` alone on the calling thread if no earlier row is queued or
+        running; False (nothing done) otherwise, and the caller should ``submit`` it."""
+        with self._count_lock:
+            if self._outstanding:
+                return False
+            self._outstanding = 1
+        try:
+            self._run_guarded([item])
+            self.inline += 1
+        finally:
+            self._finished(1)
+        return True
+
+    def idle(self) -> bool:
+        """Nothing queued or running."""
+        return self._outstanding == 0
+
+    def _finished(self, count: int) -> None:
+        with self._count_lock:
+            self._outstanding -= count
 
     def submit_many(self, items: Sequence[T]) -> int:
         """Queue rows in order; returns how many fit."""
@@ -116,9 +152,15 @@ class MicroBatcher(Generic[T]):
                 continue
             batch = collect(self._queue, first, max_rows=self.max_rows, window_s=self.window_s)
             try:
-                self._run(batch)
-            except Exception:
-                self.run_errors += 1
-                log.exception("micro-batch of %d rows failed", len(batch))
-            self.batches += 1
-            self.rows += len(batch)
+                self._run_guarded(batch)
+            finally:
+                self._finished(len(batch))
+
+    def _run_guarded(self, batch: list[T]) -> None:
+        try:
+            self._run(batch)
+        except Exception:
+            self.run_errors += 1
+            log.exception("micro-batch of %d rows failed", len(batch))
+        self.batches += 1
+        self.rows += len(batch)

@@ -23,7 +23,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +33,7 @@ else:  # pragma: no cover - Python 3.10 gateways: tomli if it is installed, else
         tomllib = None
 
 from edge_agent.errors import ConfigError
+from edge_agent.tomlcheck import Table
 
 __all__ = [
     "VARIANTS",
@@ -87,6 +87,10 @@ class Limits:
     outbox_max_bytes: int = 256 * 1024 * 1024  # bytes
     max_payload_bytes: int = 256 * 1024  # bytes, one sensor message
     update_deadline_s: float = 600.0  # seconds for a whole model update
+    # Seconds one updater step may run (a chunk write, verify, install, load, smoke test,
+    # activate, the health check): past it the update is abandoned and its version not
+    # retried; past twice it the agent reports unhealthy so systemd restarts it.
+    step_deadline_s: float = 300.0
     # Outbox commits: "full" survives a power cut (one fsync per micro-batch), "normal"
     # survives a crashed or killed agent but may lose the last commits on a power cut.
     outbox_sync: str = "full"
@@ -103,6 +107,11 @@ class HealthConfig:
 class BatchingConfig:
     window_ms: float = 2.0
     max_rows: int = 64
+    # A lone message runs on the MQTT thread (no hand-off) while the recent inference
+    # calls took under this long; 0 always hands it to the batch worker.
+    inline_max_ms: float = 5.0
+    # The answers of one micro-batch go out as one predictions message (protocol 8.4).
+    group_predictions: bool = True
 
 
 @dataclass(frozen=True)
@@ -124,85 +133,10 @@ class AgentConfig:
     batching: BatchingConfig = BatchingConfig()
 
 
-_MISSING: Any = object()
+class _Table(Table[ConfigError]):
+    """Typed reads from one TOML table; errors name ``[table].key`` (``edge_agent.tomlcheck``)."""
 
-
-class _Table:
-    """Typed reads from one TOML table; errors name ``[table].key``."""
-
-    def __init__(self, data: object, name: str, base: Path, *, provisioned: bool = True) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"[{name}]: expected a table, got {type(data).__name__}")
-        self.data: dict[str, Any] = data
-        self.name = name
-        self.base = base
-        self.provisioned = provisioned  # False: do not open the files the config names
-        self.used: set[str] = set()
-
-    def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"[{self.name}].{key}: {problem}")
-
-    def raw(self, key: str, default: Any = _MISSING) -> Any:
-        self.used.add(key)
-        if key in self.data:
-            return self.data[key]
-        if default is _MISSING:
-            raise self.error(key, "required key is missing")
-        return default
-
-    def text(
-        self, key: str, default: Any = _MISSING, pattern: re.Pattern[str] | None = None
-    ) -> Any:
-        value = self.raw(key, default)
-        if value is default and default is not _MISSING:
-            return value
-        if not isinstance(value, str) or not value:
-            raise self.error(key, f"expected a non-empty string, got {value!r}")
-        if pattern is not None and not pattern.match(value):
-            raise self.error(key, f"{value!r} does not match {pattern.pattern}")
-        return value
-
-    def number(self, key: str, default: float, *, low: float, high: float,
-               integer: bool = False) -> Any:
-        value = self.raw(key, default)
-        kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds):
-            raise self.error(key, f"expected {'an integer' if integer else 'a number'}, "
-                                  f"got {value!r}")
-        if not low <= value <= high:
-            raise self.error(key, f"must be between {low:g} and {high:g}, got {value!r}")
-        return value
-
-    def str_list(self, key: str, default: Any = _MISSING, *, non_empty: bool = False) -> Any:
-        value = self.raw(key, default)
-        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise self.error(key, f"expected a list of non-empty strings, got {value!r}")
-        if non_empty and not value:
-            raise self.error(key, "must not be empty")
-        if len(set(value)) != len(value):
-            raise self.error(key, f"has duplicates: {value!r}")
-        return tuple(value)
-
-    def path(self, key: str, *, must_exist: bool, default: Any = _MISSING) -> Any:
-        value = self.text(key, default)
-        if value is None:
-            return None
-        path = Path(value).expanduser()
-        if not path.is_absolute():
-            path = self.base / path
-        if must_exist and self.provisioned and not path.is_file():
-            raise self.error(key, f"file not found: {path}")
-        return path
-
-    def table(self, key: str, *, required: bool = False) -> _Table:
-        value = self.raw(key, _MISSING if required else {})
-        return _Table(value, f"{self.name}.{key}" if self.name else key, self.base,
-                      provisioned=self.provisioned)
-
-    def done(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise self.error(unknown[0], "unknown key")
+    error_type = ConfigError
 
 
 def load_config(
@@ -409,6 +343,8 @@ def _limits(table: _Table) -> Limits:
                                        high=256 * 2**20, integer=True),
         update_deadline_s=float(table.number("update_deadline_s", d.update_deadline_s,
                                              low=1, high=86400)),
+        step_deadline_s=float(table.number("step_deadline_s", d.step_deadline_s,
+                                           low=1, high=86400)),
         outbox_sync=_choice(table, "outbox_sync", d.outbox_sync, ("full", "normal")),
     )
     table.done()
@@ -445,6 +381,10 @@ def _batching(table: _Table) -> BatchingConfig:
     batching = BatchingConfig(
         window_ms=float(table.number("window_ms", d.window_ms, low=0, high=1000)),
         max_rows=table.number("max_rows", d.max_rows, low=1, high=100_000, integer=True),
+        inline_max_ms=float(
+            table.number("inline_max_ms", d.inline_max_ms, low=0, high=1000)
+        ),
+        group_predictions=table.boolean("group_predictions", d.group_predictions),
     )
     table.done()
     return batching

@@ -1,12 +1,14 @@
 """Sensor messages in, predictions out: the agent's inference path.
 
-Paho's network thread only calls ``InferenceEngine.submit`` (an enqueue); the
-``MicroBatcher`` worker does the rest for every batch: parse each payload
+Paho's network thread calls ``InferenceEngine.run_now`` when nothing else is waiting
+(a lone message is answered on that thread, with no hand-off) or ``submit`` (an enqueue);
+the ``MicroBatcher`` worker does the rest for every batch: parse each payload
 (``inputs.parse_payload``), pick the model fields (``FieldMapping``), apply the MLflow
 signature (``Signature.enforce``: by name, missing rejected, extras ignored, safe casts
 only), run all good rows of one model in ONE ``session.run``, split the outputs back per
-message and store one prediction per input message in the outbox with ONE ``put_many``
-(one fsync per micro-batch, not per message).
+message and store the predictions in the outbox with ONE ``put_many`` (one fsync per
+micro-batch, not per message), then acknowledge the input messages (``acknowledge``):
+an input is acknowledged to the broker only once its answer is on disk.
 
 The model a batch runs on is read once, under the lock, at the start of the batch: a
 swap (``install``) between two batches is atomic, so no message is dropped or answered
@@ -16,7 +18,10 @@ drift monitor) before it is installed.
 Prediction payload (docs/protocol.md section 8.4): device, model, version, variant,
 sha256, a per-device ``seq`` (``SeqCounter``, monotonic across restarts), the source
 message's topic/id/ts, ``latency_ms`` (the inference call) and ``outputs`` (one entry
-per good row; ``label`` mapped to ``classes`` when the manifest has them).
+per good row; ``label`` mapped to ``classes`` when the manifest has them). With
+``group_predictions`` the answers of one micro-batch share one message (a ``batch``
+list under one envelope): one outbox row, one MQTT publish and one PUBACK instead of
+one per input, which is where micro-batching's throughput comes from.
 """
 
 from __future__ import annotations
@@ -197,6 +202,7 @@ class _Item:
     topic: str
     payload: bytes
     received: float  # monotonic
+    token: Any = None  # handed back through ``acknowledge`` once the item is done with
 
 
 def _source_meta(rows: Sequence[Row]) -> dict[str, Any]:
@@ -308,8 +314,12 @@ class InferenceEngine:
         telemetry: Telemetry,
         on_error: ErrorSink,
         prediction_topic: str,
+        acknowledge: Callable[[list[Any]], None] | None = None,
     ) -> None:
         self.config = config
+        self._acknowledge = acknowledge
+        # Recent duration of a batch of one (ms, smoothed): run_now's stall bound.
+        self._lone_ms = 0.0
         self._store = store_predictions
         self._seq = seq
         self._telemetry = telemetry
@@ -355,10 +365,23 @@ class InferenceEngine:
     def input_filters(self) -> list[str]:
         return sorted({t for t, _m in self._routes})
 
-    def submit(self, topic: str, payload: bytes) -> None:
-        """Called on the MQTT network thread: enqueue only."""
-        if not self._batcher.submit(_Item(topic, payload, time.monotonic())):
+    def submit(self, topic: str, payload: bytes, token: Any = None) -> None:
+        """Enqueue one message for the batch worker (never blocks). A message refused
+        because the queue is full is reported and NOT acknowledged: the broker keeps it."""
+        if not self._batcher.submit(_Item(topic, payload, time.monotonic(), token)):
             self._on_error("overload", {"topic": topic, "reason": "input queue is full"})
+
+    def run_now(self, topic: str, payload: bytes, token: Any = None) -> bool:
+        """Answer one message on the calling thread if nothing is queued or running and
+        the recent lone messages took under ``batching.inline_max_ms`` (the bound on how
+        long the MQTT thread may be kept from its socket); False: ``submit`` it."""
+        limit = self.config.batching.inline_max_ms
+        if limit <= 0 or self._lone_ms > limit:
+            return False
+        return self._batcher.run_now(_Item(topic, payload, time.monotonic(), token))
+
+    def idle(self) -> bool:
+        return self._batcher.idle()
 
     def start(self) -> None:
         self._batcher.start()
@@ -372,6 +395,19 @@ class InferenceEngine:
     # ---- the batch worker -------------------------------------------------------
 
     def _run_batch(self, items: list[_Item]) -> None:
+        started = time.perf_counter()
+        self._answer_batch(items)  # raises: not acknowledged, the broker redelivers
+        if self._acknowledge is not None:
+            tokens = [i.token for i in items if i.token is not None]
+            if tokens:
+                self._acknowledge(tokens)
+        if len(items) == 1:
+            took = (time.perf_counter() - started) * 1000.0
+            # Smoothed, but a slow call counts at once: the network thread is not kept
+            # waiting twice in a row by a model that has become slow.
+            self._lone_ms = max(took, 0.8 * self._lone_ms + 0.2 * took)
+
+    def _answer_batch(self, items: list[_Item]) -> None:
         by_model: dict[str, list[tuple[_Item, list[Row]]]] = {}
         limit = self.config.limits.max_payload_bytes
         for item in items:
@@ -433,28 +469,61 @@ class InferenceEngine:
         topic = self._output_topics[name]
         answered = [a for a in answers if a.outputs is not None]
         first = self._seq.take(len(answered)) if answered else 0
-        out = []
+        entries = []
         for answer in answers:
             for exc in answer.errors:
                 stats.record_error(exc.kind)
                 self._on_error(exc.kind, _error_fields(exc, answer.topic, name))
             if answer.outputs is None:
                 continue
-            body = {
-                "ts": time.time(),
-                "device": self.config.device_id,
-                **loaded.describe(),
+            entry: dict[str, Any] = {
                 "seq": first,
                 "source": {"topic": answer.topic, **answer.meta},
-                "latency_ms": round(answer.latency_ms, 4),
                 "rows": len(answer.rows),
                 "outputs": answer.outputs,
             }
             if answer.errors:
-                body["rejected_rows"] = len(answer.errors)
+                entry["rejected_rows"] = len(answer.errors)
             first += 1
-            out.append((topic, json.dumps(body, separators=(",", ":")).encode()))
-        return out
+            entries.append(entry)
+        if not entries:
+            return []
+        envelope = {
+            "ts": time.time(),
+            "device": self.config.device_id,
+            **loaded.describe(),
+            "latency_ms": round(latency, 4),
+        }
+        if len(entries) == 1 or not self.config.batching.group_predictions:
+            return [(topic, _dumps({**envelope, **e})) for e in entries]
+        return [(topic, payload) for payload in _grouped(envelope, entries)]
+
+
+# A grouped predictions message stays well under the 128 KB payload cap of managed
+# brokers (docs/protocol.md section 2); a bigger micro-batch is split.
+GROUP_MAX_BYTES = 64 * 1024
+
+
+def _dumps(body: Mapping[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def _grouped(envelope: dict[str, Any], entries: list[dict[str, Any]]) -> list[bytes]:
+    """``{...envelope, "batch": [entries]}`` messages of at most GROUP_MAX_BYTES each
+    (an entry larger than that alone still goes, alone)."""
+    head = _dumps(envelope)[:-1] + b',"batch":['
+    messages: list[bytes] = []
+    part: list[bytes] = []
+    size = len(head)
+    for entry in entries:
+        encoded = _dumps(entry)
+        if part and size + len(encoded) + 3 > GROUP_MAX_BYTES:
+            messages.append(head + b",".join(part) + b"]}")
+            part, size = [], len(head)
+        part.append(encoded)
+        size += len(encoded) + 1
+    messages.append(head + b",".join(part) + b"]}")
+    return messages
 
 
 def _record_health(loaded: LoadedModel, rows: int, result: Inferred, latency: float) -> None:

@@ -16,7 +16,12 @@ paho's known traps (docs: /work/shared/reference/field-notes.md section 3):
 - a watchdog restarts the network thread when it has died or stopped beating;
 - MQTT 3.1.1 with ``clean_session=False`` and a stable client id: the broker queues QoS 1
   messages for our subscriptions while we are away; the last will is a retained
-  "offline" state so the plant sees a dead gateway.
+  "offline" state so the plant sees a dead gateway;
+- inputs are acknowledged when they are done with, not when they arrive: paho runs with
+  ``manual_ack``; a subscription made with ``ack="manual"`` leaves the PUBACK to its
+  owner (``MqttLink.ack``, once the result is on disk), every other one is acknowledged
+  as soon as its handler returned. The broker redelivers what was not acknowledged
+  after a reconnect, so a crash between receipt and the outbox commit loses nothing.
 
 paho return codes and connection refusals are translated into ``BrokerError`` here.
 QoS 2 is refused on purpose (paho #382/#893; the outbox gives at-least-once anyway).
@@ -28,6 +33,7 @@ import contextlib
 import json
 import logging
 import random
+import select
 import socket
 import ssl
 import threading
@@ -110,6 +116,8 @@ class Message:
     payload: bytes
     qos: int
     retain: bool
+    mid: int = 0  # the broker's packet id (QoS 1), for MqttLink.ack
+    session: int = 0  # the connection that delivered it: an ack belongs to that one
 
 
 Handler = Callable[[Message], None]
@@ -193,10 +201,10 @@ class MqttLink:
             raise BrokerError(str(exc)) from exc
         self.options = options
         self.stats: Counter[str] = Counter()
-        self._handlers: dict[str, tuple[int, Handler]] = {}
+        self._handlers: dict[str, tuple[int, Handler, bool]] = {}  # qos, handler, manual
         # topic -> its handlers: the filters are matched once per topic, not per message
         # (bounded: cleared when it grows past _ROUTE_CACHE or a subscription changes).
-        self._routes: dict[str, list[Handler]] = {}
+        self._routes: dict[str, tuple[list[Handler], bool]] = {}  # handlers, manual ack
         self._lock = threading.Lock()
         self._pending: dict[int, PublishHandle] = {}
         self._early_acks: set[int] = set()  # PUBACKs that beat publish() to the handle
@@ -207,6 +215,7 @@ class MqttLink:
         self._backoff = Backoff(options.backoff_initial, options.backoff_max)
         self._stop = threading.Event()
         self._generation = 0
+        self._session = 0  # counts successful connections (Message.session)
         self._stall_reported = False
         self._beat = time.monotonic()
         self._retry_at = 0.0  # monotonic time of the next connect attempt
@@ -223,6 +232,7 @@ class MqttLink:
             client_id=o.client_id,
             clean_session=False,
             protocol=paho.MQTTv311,
+            manual_ack=True,  # see the module docstring: acks follow the work, not receipt
         )
         if o.username is not None:
             client.username_pw_set(o.username, o.password)
@@ -302,13 +312,21 @@ class MqttLink:
     def wait_connected(self, timeout: float) -> bool:
         return self._connected.wait(timeout)
 
-    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+    def subscribe(
+        self, topic_filter: str, handler: Handler, qos: int = 1, *, ack: str = "auto"
+    ) -> None:
         """Route messages matching ``topic_filter`` to ``handler`` (on the network thread;
         its exceptions are logged and counted). Subscriptions are renewed on every
-        connect, so they survive a broker that lost our session."""
+        connect, so they survive a broker that lost our session.
+
+        ``ack="auto"``: a QoS 1 message is acknowledged once its handler returned.
+        ``ack="manual"``: the owner calls ``ack(message)`` when it is done with it (a
+        handler that raises gets its message acknowledged: it is counted as handled)."""
         _check_qos(qos)
+        if ack not in ("auto", "manual"):
+            raise ValueError(f"ack must be 'auto' or 'manual', not {ack!r}")
         with self._lock:
-            self._handlers[topic_filter] = (qos, handler)
+            self._handlers[topic_filter] = (qos, handler, ack == "manual")
             self._routes.clear()
         if self.connected:
             result, _mid = self._client.subscribe(topic_filter, qos)
@@ -345,6 +363,37 @@ class MqttLink:
             handle._resolve()
         self.stats["published"] += 1
         return handle
+
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a message received on a ``manual`` subscription (any thread).
+
+        An ack for a message of an earlier connection is dropped: the broker redelivers
+        that message on the new one, where it is acknowledged in turn. True if queued
+        (``flush`` pushes it out from the calling thread)."""
+        if message.qos == 0 or message.mid == 0:
+            return False
+        if message.session != self._session or not self.connected:
+            self.stats["stale_acks"] += 1
+            return False
+        rc = self._client.ack(message.mid, message.qos)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.stats["ack_errors"] += 1
+            return False
+        return True
+
+    def input_waiting(self) -> bool:
+        """More bytes from the broker are already waiting on the socket (evidence of
+        load: the caller should queue work rather than hold the network thread)."""
+        sock = self._client.socket()
+        if sock is None:
+            return False
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return True
+        try:
+            readable, _w, _x = select.select([sock], [], [], 0)
+        except (OSError, ValueError):  # closed under us: the network thread sorts it out
+            return False
+        return bool(readable)
 
     def flush(self) -> bool:
         """Write what ``publish`` queued from the calling thread, now, instead of waking
@@ -493,11 +542,12 @@ class MqttLink:
             # retry: a refusal (bad credentials) is retried with the growing backoff.
             return
         self._backoff.reset()
+        self._session += 1
         self._last_refusal = None
         self._refused.clear()
         self.stats["connects"] += 1
         with self._lock:
-            subscriptions = [(f, q) for f, (q, _h) in self._handlers.items()]
+            subscriptions = [(f, q) for f, (q, _h, _m) in self._handlers.items()]
         if subscriptions:
             client.subscribe(subscriptions)
         if self.options.state_topic:
@@ -522,18 +572,25 @@ class MqttLink:
             log.log(level, "MQTT disconnected from %s: %s", self.options.url, reason)
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: Any) -> None:
-        message = Message(msg.topic, bytes(msg.payload), int(msg.qos), bool(msg.retain))
-        handlers = self._routes.get(message.topic)
-        if handlers is None:
+        message = Message(msg.topic, bytes(msg.payload), int(msg.qos), bool(msg.retain),
+                          int(msg.mid), self._session)
+        route = self._routes.get(message.topic)
+        if route is None:
             with self._lock:
-                handlers = [h for f, (_q, h) in self._handlers.items()
+                matching = [(h, m) for f, (_q, h, m) in self._handlers.items()
                             if paho.topic_matches_sub(f, message.topic)]
+                route = ([h for h, _m in matching], any(m for _h, m in matching))
                 if len(self._routes) >= _ROUTE_CACHE:
                     self._routes.clear()
-                self._routes[message.topic] = handlers
+                self._routes[message.topic] = route
+        handlers, manual = route
+        failed = False
         for handler in handlers:
             if not _run_guarded("handler", handler, message):
                 self.stats["handler_errors"] += 1
+                failed = True
+        if message.qos and (failed or not manual):
+            self._client.ack(message.mid, message.qos)
 
     def _on_publish(
         self, _client: paho.Client, _userdata: object, mid: int, _reason: Any, _props: Any
@@ -557,6 +614,11 @@ class _Client(paho.Client):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._write_lock = threading.RLock()
+        # paho holds this (a plain Lock) around every callback, and takes it again to
+        # call on_publish when a QoS 0 message has been written. A handler that writes
+        # (the agent answers a lone message on the network thread, then flushes) would
+        # wait on itself forever; re-entrant, it runs the nested on_publish instead.
+        self._in_callback_mutex = threading.RLock()  # type: ignore[assignment]
 
     # Everything that writes to, closes or replaces the socket holds the write lock, so
     # a flush can never write to a closed socket, a reused descriptor or a new

@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from edge_agent.protocol.predictions import iter_predictions
 from tests.support.faults import FEATURES, Gateway, release, wait_for
 
 TOPIC = "plant/line1/a/sensors"
@@ -148,9 +149,10 @@ def test_good_swap_interrupts_inference_for_at_most_100_ms(gw: Gateway) -> None:
     assert wait_for(lambda: gw.engine.pending() == 0, 10)
     time.sleep(0.1)
     preds: list[dict[str, Any]] = [
-        json.loads(e.payload)
+        p
         for e in gw.agent.outbox.oldest(0, 1_000_000)
         if e.topic.endswith("/predictions")
+        for p in iter_predictions(json.loads(e.payload))
     ]
     ids = [p["source"]["id"] for p in preds]
     assert sorted(ids) == sorted(submitted) and len(set(ids)) == len(ids)  # nothing lost

@@ -30,6 +30,7 @@ import pytest
 
 from edge_agent.fsio import LossyFS, SimulatedCrash
 from edge_agent.inference import _Item
+from edge_agent.protocol.predictions import iter_predictions
 from tests.support.faults import Gateway, check_invariants, copy_tree, release
 
 SEAM_FILES = {"models", "state.json", "prediction-seq", "undeployed.json"}
@@ -71,9 +72,10 @@ def _traffic(gw: Gateway, n: int, start: int) -> None:
 def _prediction_seqs(gw: Gateway) -> list[int]:
     topic = gw.topics.predictions("gw-1")
     return [
-        json.loads(e.payload)["seq"]
+        p["seq"]
         for e in gw.agent.outbox.oldest(0, 1_000_000)
         if e.topic == topic
+        for p in iter_predictions(json.loads(e.payload))
     ]
 
 

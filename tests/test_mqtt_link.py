@@ -290,3 +290,93 @@ def test_handlers_follow_subscription_changes_despite_the_route_cache(
     before = len(wide)
     assert send_until(b"3", lambda: b"3" in [m.payload for m in narrow])
     assert b"3" not in [m.payload for m in wide[before:]]
+
+
+def test_a_handler_may_publish_and_flush_on_the_network_thread(
+    broker: MosquittoBroker,
+    links,  # type: ignore[no-untyped-def]
+) -> None:
+    # paho calls on_publish for a written QoS 0 message under the lock it already holds
+    # around on_message: a flush from inside a handler used to hang the loop for good.
+    link = links(broker.url, "flusher")
+    out = collector(link, "echo/out")
+    flushed: list[bool] = []
+
+    def echo(message: Message) -> None:
+        link.publish("echo/out", message.payload, qos=0)
+        flushed.append(link.flush())
+
+    link.subscribe("echo/in", echo)
+    link.start(wait=10)
+    sender = links(broker.url, "echo-sender")
+    sender.start(wait=10)
+    for i in range(20):
+        assert sender.publish("echo/in", f"e{i}".encode(), qos=1).wait(5)
+    assert wait_until(lambda: len(out) >= 20, 10), f"{len(out)} echoes: the loop hung"
+    assert any(flushed) and link.healthy()
+
+
+def test_manual_ack_holds_back_the_puback_until_ack(
+    broker: MosquittoBroker,
+    links,  # type: ignore[no-untyped-def]
+) -> None:
+    held: list[Message] = []
+    receiver = links(broker.url, "manual-acker")
+    receiver.subscribe("work/in", held.append, ack="manual")
+    receiver.start(wait=10)
+    receiver.stop()  # persistent session: the broker queues for it from now on
+    sender = links(broker.url, "manual-sender")
+    sender.start(wait=10)
+    for i in range(3):
+        assert sender.publish("work/in", f"w{i}".encode(), qos=1).wait(5)
+
+    # Not acknowledged: the broker delivers them again to the next connection.
+    first = links(broker.url, "manual-acker")
+    first.subscribe("work/in", held.append, ack="manual")
+    first.start(wait=10)
+    assert wait_until(lambda: len(held) >= 3, 10)
+    first.stop()
+    held.clear()
+    second = links(broker.url, "manual-acker")
+    got: list[Message] = []
+    second.subscribe("work/in", got.append, ack="manual")
+    second.start(wait=10)
+    assert wait_until(lambda: len(got) >= 3, 10)
+    assert [m.payload for m in got] == [b"w0", b"w1", b"w2"]
+    assert all(second.ack(m) for m in got)
+    second.flush()
+    time.sleep(0.3)  # the PUBACKs reach the broker
+    second.stop()
+
+    # Acknowledged: nothing comes back.
+    third = links(broker.url, "manual-acker")
+    again: list[Message] = []
+    third.subscribe("work/in", again.append, ack="manual")
+    third.start(wait=10)
+    time.sleep(1.0)
+    assert again == []
+    # an ack for a message of an earlier connection is not sent on the new one
+    assert sender.publish("work/in", b"w3", qos=1).wait(5)
+    assert wait_until(lambda: len(again) == 1, 10)
+    broker.restart()
+    assert wait_until(lambda: third.stats["connects"] >= 2 and third.connected, 20)
+    assert not third.ack(again[0]) and third.stats["stale_acks"] == 1
+
+
+def test_auto_ack_subscription_is_acknowledged_after_its_handler(
+    broker: MosquittoBroker,
+    links,  # type: ignore[no-untyped-def]
+) -> None:
+    receiver = links(broker.url, "auto-acker")
+    got = collector(receiver, "auto/in")
+    receiver.start(wait=10)
+    sender = links(broker.url, "auto-sender")
+    sender.start(wait=10)
+    assert sender.publish("auto/in", b"a", qos=1).wait(5)
+    assert wait_until(lambda: len(got) == 1, 10)
+    receiver.stop()
+    again = links(broker.url, "auto-acker")
+    more = collector(again, "auto/in")
+    again.start(wait=10)
+    time.sleep(1.0)
+    assert more == []  # acknowledged on receipt: not redelivered

@@ -14,6 +14,7 @@ from typing import Any
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
+from edge_agent.protocol.predictions import iter_predictions
 from lineside.demo.files import SENSOR_TOPIC, TOPIC_ROOT
 from lineside.demo.pressline import make_line
 
@@ -62,7 +63,8 @@ class Monitor:
         channel = msg.topic.rsplit("/", 1)[-1]
         parts = msg.topic.split("/")
         if "predictions" in parts:
-            self._prediction(payload)
+            for prediction in iter_predictions(payload):
+                self._prediction(prediction)
             return
         with self.lock:
             if channel == "state":

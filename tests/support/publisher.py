@@ -22,6 +22,7 @@ import yaml
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edge_agent.protocol.chunks import describe, split
+from edge_agent.protocol.predictions import iter_predictions
 from edge_agent.protocol.topics import Topics
 from registry_sync.signing import sign_manifest
 
@@ -268,7 +269,11 @@ class Collector:
         except ValueError:
             body = msg.payload
         with self._lock:
-            self.messages.append((msg.topic, body))
+            if "/predictions" in msg.topic and isinstance(body, dict):
+                # a grouped message holds several predictions: keep them one by one
+                self.messages.extend((msg.topic, p) for p in iter_predictions(body))
+            else:
+                self.messages.append((msg.topic, body))
 
     def on(self, suffix: str) -> list[Any]:
         with self._lock:
