@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 _ROUTE_CACHE = 4096  # topics whose matching handlers are remembered
+_READ_AHEAD = 64 * 1024  # bytes asked of the socket at once (see _Client._sock_recv)
 
 
 def parse_broker_url(url: str) -> tuple[bool, str, int]:
@@ -387,6 +388,9 @@ class MqttLink:
         sock = self._client.socket()
         if sock is None:
             return False
+        client = self._client
+        if isinstance(client, _Client) and client.buffered():
+            return True
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return True
         try:
@@ -619,6 +623,37 @@ class _Client(paho.Client):
         # (the agent answers a lone message on the network thread, then flushes) would
         # wait on itself forever; re-entrant, it runs the nested on_publish instead.
         self._in_callback_mutex = threading.RLock()  # type: ignore[assignment]
+        # Read-ahead: paho asks the socket for 1 byte (command), 1-4 (length), then the
+        # rest, one packet per select(): four system calls per message. One large recv
+        # fills this buffer and paho's small reads are served from it.
+        self._rbuf = b""
+        self._rpos = 0
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(max(bufsize, _READ_AHEAD))
+            if len(data) <= bufsize:
+                return data
+            self._rbuf, self._rpos = data, 0
+        end = self._rpos + bufsize
+        chunk = self._rbuf[self._rpos : end]
+        self._rpos = min(end, len(self._rbuf))
+        return chunk
+
+    def buffered(self) -> int:
+        """Bytes read ahead from the socket and not parsed yet."""
+        return len(self._rbuf) - self._rpos
+
+    def _drop_read_ahead(self) -> None:
+        self._rbuf, self._rpos = b"", 0
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        rc = super().loop_read(max_packets)
+        # select() cannot see what is already in the buffer: parse it now. Each turn
+        # consumes at least one buffered byte, or empties the buffer and stops.
+        while rc == MQTTErrorCode.MQTT_ERR_SUCCESS and self.buffered() and self._sock:
+            rc = super().loop_read(1)
+        return rc
 
     # Everything that writes to, closes or replaces the socket holds the write lock, so
     # a flush can never write to a closed socket, a reused descriptor or a new
@@ -630,9 +665,11 @@ class _Client(paho.Client):
     def _sock_close(self) -> None:
         with self._write_lock:
             super()._sock_close()
+            self._drop_read_ahead()  # never parse a dead connection's bytes on a new one
 
     def reconnect(self) -> MQTTErrorCode:
         with self._write_lock:
+            self._drop_read_ahead()
             return super().reconnect()
 
     def write_now(self) -> bool:

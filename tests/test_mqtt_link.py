@@ -380,3 +380,24 @@ def test_auto_ack_subscription_is_acknowledged_after_its_handler(
     again.start(wait=10)
     time.sleep(1.0)
     assert more == []  # acknowledged on receipt: not redelivered
+
+
+def test_read_ahead_keeps_packets_intact_across_buffer_boundaries(
+    broker: MosquittoBroker,
+    links,  # type: ignore[no-untyped-def]
+) -> None:
+    # Small messages arrive many to one recv(); a large one spans several 64 KiB reads;
+    # sizes around the read-ahead boundary split a packet header between two reads.
+    receiver = links(broker.url, "reader")
+    got = collector(receiver, "bulk/#")
+    receiver.start(wait=10)
+    sender = links(broker.url, "bulk-sender", max_inflight=1000)
+    sender.start(wait=10)
+    sizes = [1, 7, 200, 65_530, 65_536, 65_541, 300_000] + [40 + i % 90 for i in range(600)]
+    payloads = [bytes([i % 251]) * size for i, size in enumerate(sizes)]
+    handles = [sender.publish(f"bulk/{i}", p, qos=1) for i, p in enumerate(payloads)]
+    assert all(h.wait(20) for h in handles)
+    assert wait_until(lambda: len(got) >= len(payloads), 20), len(got)
+    assert [m.topic for m in got] == [f"bulk/{i}" for i in range(len(payloads))]
+    assert [m.payload for m in got] == payloads
+    assert receiver.healthy()
