@@ -12,10 +12,10 @@ never lower, serving within 5 s, no leftovers); every outbox entry whose ``put``
 still there; prediction sequence numbers handed out after the restart are above every one
 handed out before (``(device, seq)`` never repeats).
 
-Not simulated: SQLite's own durability. The outbox is a SQLite file written with its own
-I/O, not through the seam; the test keeps its files across the cut and asserts the
-pragmas (WAL, ``synchronous=FULL``) that make a returned commit durable on a real disk.
-A FUSE filesystem (LazyFS) would cover that too; it is not installed here (docs/faults.md).
+The outbox is a SQLite file written with its own I/O, not through the seam: here its files
+are kept across the cut and its pragmas (WAL, ``synchronous=FULL``) asserted; its
+durability under real power loss is simulated by tests/test_fault_power_loss_outbox.py on
+a FUSE filesystem that drops unsynced writes (tests/support/lossy_fuse.py).
 """
 
 from __future__ import annotations
