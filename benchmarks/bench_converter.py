@@ -412,7 +412,7 @@ def summarise(families: list[dict[str, Any]]) -> dict[str, Any]:
             v = next(v for v in fam["variants"] if v["variant"] == name)
             ratio = v.get("size_ratio_to_fp32")
             met = ratio is not None and ratio <= INT8_SIZE_TARGET
-            figure = f"{ratio:.3f}x" if ratio is not None else f"{v['status']}: {v['reason']}"
+            figure = f"{ratio:.4f}x" if ratio is not None else f"{v['status']}: {v['reason']}"
             if v.get("size_ratio_to_fp32_if_shipped") is not None:
                 figure += f" (its size would have been {v['size_ratio_to_fp32_if_shipped']:.3f}x)"
             targets.append(

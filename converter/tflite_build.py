@@ -22,20 +22,24 @@ an op with no TFLite builtin kernel, an unfitted model, TensorFlow missing) rais
 without it.
 
 Sizes: every file is compacted (no tensor names, conversion metadata or calibrated
-min/max; equal vectors stored once; the SignatureDef keeps the contract's names), and
-fp16/int8 are compared with the fp32 file of the same model: a file not smaller than fp32
-(FP16_SIZE_LIMIT / INT8_SIZE_LIMIT) raises ``VariantNotApplicable`` with the measured
-ratio. int8 uses one scale per weight tensor (per-channel parameters kept a 10k-weight MLP
-at 0.42x of fp32; now 0.30-0.31x).
+min/max; equal vectors stored once; constant RESHAPE shapes in the op's options; the
+SignatureDef keeps the contract's names), and fp16/int8 are compared with the fp32 file of
+the same model: a file not smaller than fp32 (FP16_SIZE_LIMIT / INT8_SIZE_LIMIT) raises
+``VariantNotApplicable`` with the measured ratio. int8 uses one scale per weight tensor
+(per-channel parameters kept a 10k-weight MLP at 0.42x of fp32; now 0.30x or less).
 
 int8 numerics (see ``_int8``): full-integer int8 quantizes the raw input ``X`` with one
 scale for all features, so features on very different scales lose resolution before any
 scaler runs. Each int8 file is therefore checked in LiteRT against the fp32 file on the
 representative rows; when it falls short, 16x8 (int16 activations, int8 weights) is built
 instead: first with the scalers folded into the first dense layer, as in int8 (the int16
-input keeps the resolution; fewest ops), then with the input standardized by its own op
-and the layers equalized. ``build_sklearn`` / ``build_keras`` return the settings saying
-which mode was used. The parity gate, not this module, decides whether a variant ships.
+input keeps the resolution; fewest ops), then with the input scaled per feature by one
+MUL and the layers equalized. In every mode lineside rounds the weights of scikit-learn
+models onto TF's int8 grid itself, with bias correction (``rounded_for_int8``), and 16x8
+calibrates on the representative rows stretched about their mean as well
+(``INT16_CALIBRATION_STRETCH``). ``build_sklearn`` / ``build_keras`` return the settings
+saying which mode was used. The parity gate, not this module, decides whether a variant
+ships.
 """
 
 from __future__ import annotations
@@ -70,12 +74,17 @@ FP16_SIZE_LIMIT = 1.0
 INT8_SIZE_LIMIT = 1.0
 # int8 candidates in order of preference; the first passing the self-check is kept.
 # "16x8-folded": 16x8 with the scalers folded into the first dense layer (no ops in front
-# of it); "16x8": the input standardized by its own op and the layers rebalanced.
+# of it); "16x8": the input scaled per feature by one MUL and the layers rebalanced.
 INT8_MODES = ("int8", "16x8-folded", "16x8")
 _UNFOLDED_MODES = tuple(mode for mode in INT8_MODES if mode != "16x8-folded")
 # The self-check on the representative rows against the fp32 file: twice as strict as
 # the parity gate's 99% / 5e-2, since held-out rows fare worse than calibration rows.
 INT8_SELF_CHECK = {"label_agreement": 0.995, "regression_rel_error": 0.025}
+# 16x8 calibrates on the representative rows and on them moved this many times as far
+# from their mean (int16 ranges twice as wide cost one of 15 bits; held-out rows beyond
+# every calibration row no longer saturate: a 10k-weight MLPRegressor on the benchmark's
+# features went from 0.048 to 0.034 of the prediction spread on 2,048 held-out rows).
+INT16_CALIBRATION_STRETCH = 2.0
 # 16x8 with int32 biases accumulates in int32: 32767 * 127 * 516 < 2**31.
 MAX_INT32_BIAS_FAN_IN = 516
 
@@ -392,10 +401,14 @@ def _fold_affines(layers: Sequence[Layer]) -> list[Layer]:
 
 @dataclass(frozen=True)
 class InputNormalization:
-    """(x - mean) * inverse_std per feature, emitted in front of the first dense layer."""
+    """x * scale per feature, emitted as one MUL in front of the first dense layer."""
 
-    mean: np.ndarray  # [F]
-    inverse_std: np.ndarray  # [F]
+    scale: np.ndarray  # [F]
+
+
+# The smallest gain normalized_for_int16 gives a row of the first kernel (the input scale
+# is an int16 vector with one scale: a 16x smaller entry still keeps 2048 levels).
+MIN_ROW_GAIN = 1.0 / 16.0
 
 
 def normalized_for_int16(plan: Plan, rows: np.ndarray) -> tuple[Plan, InputNormalization | None]:
@@ -404,22 +417,83 @@ def normalized_for_int16(plan: Plan, rows: np.ndarray) -> tuple[Plan, InputNorma
     Folding a scaler into the first dense layer multiplies each input row of its kernel by
     1 / std of that feature, so one per-tensor int8 scale fits the narrowest feature's row
     and rounds the others coarsely (StandardScaler + LogisticRegression on features with
-    stds 0.5..5: 95% label agreement from the weights alone). Here the input is
-    standardized by its own op (statistics of ``rows``) and the first kernel gets
-    ``diag(std)`` back, so its rows are balanced again; then adjacent dense layers around
-    each ReLU are equalized (:func:`equalized`). The computation is unchanged in exact
-    arithmetic. None when the plan does not start with a dense layer (bare KMeans).
+    stds 0.5..5: 95% label agreement from the weights alone). Here the input is scaled by
+    its own op (1 / std of ``rows`` per feature) and the first kernel gets ``diag(std)``
+    back, so its rows are balanced again; adjacent dense layers around each ReLU are then
+    equalized (:func:`equalized`), and last the input scale takes over each first-kernel
+    row's range (down to MIN_ROW_GAIN of the widest), so that every row spans the int8
+    grid: the int16 input has the resolution to spare (a 10k-weight MLPRegressor on the
+    benchmark's features: 0.041 -> 0.021 of the prediction spread, from the weights
+    alone). The computation is unchanged in exact arithmetic.
+
+    Only scaled, not centered: a SUB would run after the int16 QUANTIZE of the raw input
+    too, so it would add an op and a tensor without giving the input any resolution back;
+    the means stay in the first layer's bias, and the rounding error they would amplify
+    is corrected there (:func:`rounded_for_int8`). None when the plan does not start with
+    a dense layer (bare KMeans).
     """
     if not plan.layers or not isinstance(plan.layers[0], Affine):
         return plan, None
-    values = np.asarray(rows, dtype=np.float64)
-    mean = values.mean(axis=0)
-    std = values.std(axis=0)
+    std = np.asarray(rows, dtype=np.float64).std(axis=0)
     std = np.where(std > 0, std, 1.0)
     first = plan.layers[0]
-    rebased = Affine(first.kernel * std[:, np.newaxis], first.bias + mean @ first.kernel)
-    layers = equalized((rebased, *plan.layers[1:]))
-    return Plan(plan.n_features, layers, plan.head), InputNormalization(mean, 1.0 / std)
+    layers = list(
+        equalized((Affine(first.kernel * std[:, np.newaxis], first.bias), *plan.layers[1:]))
+    )
+    balanced = layers[0]
+    assert isinstance(balanced, Affine)
+    row_range = np.abs(balanced.kernel).max(axis=1)
+    top = float(row_range.max()) if row_range.size else 0.0
+    gain = np.maximum(row_range / top, MIN_ROW_GAIN) if top > 0 else np.ones_like(std)
+    layers[0] = Affine(balanced.kernel / gain[:, np.newaxis], balanced.bias)
+    return Plan(plan.n_features, tuple(layers), plan.head), InputNormalization(gain / std)
+
+
+def rounded_for_int8(layers: Sequence[Layer], inputs: np.ndarray) -> tuple[Layer, ...]:
+    """Each dense kernel rounded onto the int8 grid TF's converter will use, with bias
+    correction (Nagel et al. 2019, "Data-free quantization through weight equalization
+    and bias correction").
+
+    TF quantizes a weight tensor symmetrically with one scale, max|kernel| / 127. Rounding
+    here to that same grid leaves TF nothing to round (the file holds the same int8
+    values), and lets the mean of each layer's rounding error over the representative
+    rows, ``mean(x) @ (kernel - rounded)``, move into the bias, which is stored in 32 bits.
+    That mean is what features far from zero (an uncentered input, a ReLU layer's
+    positive outputs) multiply the rounding error into. ``inputs``: the rows as the first
+    layer sees them; each later layer sees them through the layers already rounded.
+    """
+    x = np.asarray(inputs, dtype=np.float64)
+    out: list[Layer] = []
+    for layer in layers:
+        emitted = layer
+        if isinstance(layer, Affine):
+            top = float(np.max(np.abs(layer.kernel))) if layer.kernel.size else 0.0
+            if top > 0:
+                step = top / 127.0
+                rounded = np.clip(np.round(layer.kernel / step), -127, 127) * step
+                bias = layer.bias + x.mean(axis=0) @ (layer.kernel - rounded)
+                emitted = Affine(rounded, bias)
+        out.append(emitted)
+        x = _apply(emitted, x)
+    return tuple(out)
+
+
+def _apply(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """``layer`` in float64 numpy, as the emitted TF ops compute it."""
+    if isinstance(layer, Affine):
+        return np.asarray(x @ layer.kernel + layer.bias)
+    if isinstance(layer, Clip):
+        return np.asarray(np.clip(x, layer.low, layer.high))
+    with np.errstate(over="ignore"):
+        return np.asarray(_NUMPY_ACTIVATIONS[layer.name](x))
+
+
+_NUMPY_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "relu": lambda x: np.maximum(x, 0.0),
+    "tanh": np.tanh,
+    "logistic": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "exp": np.exp,
+}
 
 
 def equalized(layers: Sequence[Layer]) -> tuple[Layer, ...]:
@@ -517,17 +591,17 @@ def _plan_forward(
 ) -> Callable[[Any], dict[str, Any]]:
     def forward(x: Any) -> dict[str, Any]:
         if normalization is not None:
-            mean = tf.constant(normalization.mean, dtype=tf.float32)
-            inverse_std = tf.constant(normalization.inverse_std, dtype=tf.float32)
+            scale = tf.constant(normalization.scale, dtype=tf.float32)
             # The MAXIMUM (never active) keeps TF's converter from folding the multiply
-            # back into the first dense layer's weights, which would unbalance them again.
-            x = tf.maximum((x - mean) * inverse_std, _NEVER_ACTIVE_FLOOR)
+            # back into the first dense layer's weights, which would unbalance them again;
+            # once quantized, its floor is the int16 minimum and compact() drops it.
+            x = tf.maximum(x * scale, _NEVER_ACTIVE_FLOOR)
         return _emit_head(tf, _emit_layers(tf, x, plan.layers), plan.head)
 
     return forward
 
 
-_NEVER_ACTIVE_FLOOR = -1e6  # standardized features never come near it
+_NEVER_ACTIVE_FLOOR = -1e30  # below any scaled feature; quantizes to the type's minimum
 
 
 # --- public builders -----------------------------------------------------------------
@@ -570,15 +644,23 @@ def build_sklearn(
     tf = _import_tensorflow()
 
     def forward_for(mode: str, rows: np.ndarray) -> Callable[[Any], dict[str, Any]]:
+        if mode in ("fp32", "fp16"):
+            return _plan_forward(tf, plan)
+        # int8 weights: equalized (16x8), then rounded by lineside with bias correction.
+        normalization = None
+        layers = plan.layers
         if mode == "16x8":
-            return _plan_forward(tf, *normalized_for_int16(plan, rows))
-        if mode == "16x8-folded":
-            return _plan_forward(tf, Plan(plan.n_features, equalized(plan.layers), plan.head))
-        return _plan_forward(tf, plan)
+            normalized, normalization = normalized_for_int16(plan, rows)
+            layers = normalized.layers
+        elif mode == "16x8-folded":
+            layers = equalized(plan.layers)
+        inputs = rows if normalization is None else rows * normalization.scale
+        rounded = Plan(plan.n_features, rounded_for_int8(layers, inputs), plan.head)
+        return _plan_forward(tf, rounded, normalization)
 
     fan_ins = [layer.kernel.shape[0] for layer in plan.layers if isinstance(layer, Affine)]
     max_fan_in = max([plan.n_features, *fan_ins])
-    # Without a leading dense layer (bare KMeans) there is nothing to standardize for.
+    # Without a leading dense layer (bare KMeans) there is nothing to scale for.
     modes = INT8_MODES if fan_ins and isinstance(plan.layers[0], Affine) else _UNFOLDED_MODES
     return _build(
         tf,
@@ -588,6 +670,7 @@ def build_sklearn(
         representative,
         max_fan_in=max_fan_in,
         int8_modes=modes,
+        bias_corrected=True,
     )
 
 
@@ -784,12 +867,17 @@ def _build(
     tracked: Sequence[Any] = (),
     max_fan_in: int | None = None,
     int8_modes: Sequence[str] = INT8_MODES,
+    bias_corrected: bool = False,
 ) -> TfliteBuild:
     """Convert ``variant``; fp16/int8 are measured against the fp32 file of the same model.
 
     ``max_fan_in``: the widest dense input; 16x8 stores int32 biases (half of int64) only
     when int16 x int8 products summed over it cannot overflow int32 accumulators.
     ``int8_modes``: the int8 candidates (:data:`INT8_MODES`) that build distinct graphs.
+    ``bias_corrected``: ``forward_for`` rounds int8 weights itself (:func:`rounded_for_int8`).
+    16x8 modes calibrate on the representative rows plus the same rows stretched about
+    their mean (:data:`INT16_CALIBRATION_STRETCH`): int16 has resolution to spare, and a
+    held-out row beyond every calibration row otherwise saturates an activation.
     """
     int32_bias = max_fan_in is not None and max_fan_in <= MAX_INT32_BIAS_FAN_IN
     rows = (
@@ -800,7 +888,10 @@ def _build(
 
     def convert(mode: str) -> bytes:
         forward = forward_for(mode, rows)
-        return _convert(tf, n_features, forward, mode, rows, tracked=tracked, int32_bias=int32_bias)
+        calibration = _stretched(rows) if mode.startswith("16x8") else rows
+        return _convert(
+            tf, n_features, forward, mode, calibration, tracked=tracked, int32_bias=int32_bias
+        )
 
     fp32 = convert("fp32")
     if variant == "tflite-fp32":
@@ -811,6 +902,7 @@ def _build(
         limit = FP16_SIZE_LIMIT
     else:
         data, settings = _int8(convert, fp32, rows, int8_modes)
+        settings["bias_correction"] = bias_corrected
         limit = INT8_SIZE_LIMIT
     ratio = len(data) / len(fp32)
     settings["size_ratio"] = round(ratio, 3)
@@ -838,8 +930,8 @@ def _int8(
     passes INT8_SELF_CHECK is kept, else the closer one (the parity gate still decides).
     16x8 = int16 activations, int8 weights: the input keeps its resolution. "16x8-folded"
     keeps the scalers folded into the first dense layer (no extra ops: smallest, but that
-    layer's 8-bit rows are as unbalanced as the feature scales); "16x8" standardizes the
-    input by its own op and rebalances the dense layers (:func:`normalized_for_int16`).
+    layer's 8-bit rows are as unbalanced as the feature scales); "16x8" scales the input
+    per feature by one MUL and rebalances the dense layers (:func:`normalized_for_int16`).
     Ops without a 16x8 kernel (ARG_MAX, ...) run in float and are listed in the settings.
     """
     reference = _litert_outputs(fp32, rows)
@@ -874,6 +966,14 @@ def _int8(
     return data, settings
 
 
+def _stretched(rows: np.ndarray) -> np.ndarray:
+    """``rows`` and the same rows moved INT16_CALIBRATION_STRETCH times as far from their
+    mean: the int16 ranges then cover held-out rows up to that far out, for one bit."""
+    center = rows.mean(axis=0)
+    far = center + INT16_CALIBRATION_STRETCH * (rows - center)
+    return np.ascontiguousarray(np.concatenate([rows, far]), dtype=np.float32)
+
+
 _INT8_MODE_NAMES = {
     "int8": "full-integer",
     "16x8-folded": "full-integer-16x8-folded",
@@ -897,6 +997,7 @@ def _int8_settings(mode: str, data: bytes, n_rows: int) -> dict[str, Any]:
         "bias": "int64" if 4 in bias_types else "int32",
         "per_channel": False,
         "input_normalization": mode == "16x8",
+        "calibration_stretch": INT16_CALIBRATION_STRETCH if int16 else 1.0,
         "float_ops": _float_ops(data),
         "io": "float32",
         "representative_rows": n_rows,
@@ -1017,6 +1118,10 @@ def compact(data: bytes) -> bytes:
     tables, the calibrated min/max kept beside scale and zero point, and one empty buffer
     per activation tensor (all share buffer 0). Equal vectors (shapes, zero points...) are
     written once and referenced by every table that holds them, which FlatBuffers allows.
+    Two rewrites that compute the same outputs: a RESHAPE to a constant shape takes it
+    from its options rather than from a constant tensor (:func:`_reshape_shapes_inline`,
+    every variant alike), and a quantized MAXIMUM whose floor is the type's minimum is
+    dropped (:func:`_drop_noop_maximums`).
 
     The SignatureDef keeps the contract's names (``X``, ``label``...), so nothing that
     ``load_session`` or the agent looks up is touched.
@@ -1024,6 +1129,9 @@ def compact(data: bytes) -> bytes:
     from tensorflow.lite.tools import flatbuffer_utils
 
     model = flatbuffer_utils.read_model_from_bytearray(bytearray(data))
+    _reshape_shapes_inline(model)
+    _drop_noop_maximums(model)
+    _drop_unused(model)
     model.description = None
     model.metadata = None
     buffers = [model.buffers[0]]
@@ -1047,6 +1155,127 @@ def compact(data: bytes) -> bytes:
             tensor.buffer = moved[tensor.buffer]
     model.buffers = buffers
     return _serialize(model)
+
+
+def _constant(model: Any, tensor: Any) -> np.ndarray | None:
+    """A constant tensor's values, or None for an activation."""
+    content = model.buffers[tensor.buffer].data
+    dtype = _NUMPY_TYPES.get(int(tensor.type))
+    if content is None or len(content) == 0 or dtype is None:
+        return None
+    return np.frombuffer(bytes(content), dtype=dtype)
+
+
+# TFLite TensorType -> numpy, for the types read back here.
+_NUMPY_TYPES: dict[int, Any] = {0: np.float32, 2: np.int32, 4: np.int64, 7: np.int16, 9: np.int8}
+
+
+def _reshape_shapes_inline(model: Any) -> None:
+    """RESHAPE(x, constant shape) -> RESHAPE(x) with the shape in its ReshapeOptions.
+
+    LiteRT's RESHAPE reads ``new_shape`` from its options when it has one input (as files
+    of TF 1.x's converter did); the constant shape tensor and its buffer then go. Every
+    variant of a model gets this, so size ratios between them stay like for like.
+    """
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    for graph in model.subgraphs:
+        for op in graph.operators:
+            if flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) != "RESHAPE":
+                continue
+            if len(op.inputs) != 2 or op.inputs[1] < 0:
+                continue
+            shape = _constant(model, graph.tensors[op.inputs[1]])
+            if shape is None or shape.dtype != np.int32 or shape.size == 0:
+                continue
+            options = schema.ReshapeOptionsT()
+            options.newShape = np.array(shape, dtype=np.int32)
+            op.builtinOptionsType = schema.BuiltinOptions.ReshapeOptions
+            op.builtinOptions = options
+            op.inputs = np.array(op.inputs[:1], dtype=np.int32)
+
+
+def _drop_noop_maximums(model: Any) -> None:
+    """Remove MAXIMUM(x, floor) where the quantized floor is the lowest value x can hold
+    (less one at most, for symmetric int16) and x, floor and the output share their
+    quantization: the op returns x. :func:`_plan_forward` puts one there only to keep
+    TF's converter from folding the input scaling into the first dense layer."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    for graph in model.subgraphs:
+        kept = []
+        renamed: dict[int, int] = {}
+        for op in graph.operators:
+            if flatbuffer_utils.opcode_to_name(model, op.opcodeIndex) == "MAXIMUM" and (
+                _is_noop_maximum(model, graph, op)
+            ):
+                renamed[int(op.outputs[0])] = int(op.inputs[0])
+                continue
+            kept.append(op)
+        if not renamed:
+            continue
+        graph.operators = kept
+        for op in kept:
+            op.inputs = np.array([renamed.get(int(i), int(i)) for i in op.inputs], np.int32)
+        graph.outputs = np.array([renamed.get(int(i), int(i)) for i in graph.outputs], np.int32)
+
+
+def _is_noop_maximum(model: Any, graph: Any, op: Any) -> bool:
+    if len(op.inputs) != 2 or len(op.outputs) != 1:
+        return False
+    x, floor, out = (graph.tensors[i] for i in (*op.inputs, op.outputs[0]))
+    if int(x.type) not in (7, 9) or not (x.type == floor.type == out.type):
+        return False  # only int16 / int8: float floors can be reached
+    if int(op.outputs[0]) in {int(i) for i in graph.outputs}:
+        return False
+    params = [_quantization(t) for t in (x, floor, out)]
+    if params[0] is None or not params[0] == params[1] == params[2]:
+        return False
+    values = _constant(model, floor)
+    lowest = int(np.iinfo(_NUMPY_TYPES[int(x.type)]).min)
+    return values is not None and values.size == 1 and int(values[0]) <= lowest + 1
+
+
+def _quantization(tensor: Any) -> tuple[tuple[float, ...], tuple[int, ...]] | None:
+    q = tensor.quantization
+    if q is None or q.scale is None or q.zeroPoint is None:
+        return None
+    return tuple(float(v) for v in q.scale), tuple(int(v) for v in q.zeroPoint)
+
+
+def _drop_unused(model: Any) -> None:
+    """Tensors no op, graph input/output or signature uses, and operator codes no op uses,
+    go; indices are renumbered (buffers are pruned by :func:`compact`)."""
+    for index, graph in enumerate(model.subgraphs):
+        signatures = [
+            tensor_map
+            for sig in model.signatureDefs or []
+            if sig.subgraphIndex == index
+            for tensor_map in (*(sig.inputs or []), *(sig.outputs or []))
+        ]
+        used = {int(i) for op in graph.operators for i in (*op.inputs, *op.outputs) if i >= 0}
+        used |= {int(i) for i in (*graph.inputs, *graph.outputs)}
+        used |= {int(m.tensorIndex) for m in signatures}
+        if len(used) == len(graph.tensors):
+            continue
+        order = sorted(used)
+        new = {old: position for position, old in enumerate(order)}
+        graph.tensors = [graph.tensors[i] for i in order]
+        for op in graph.operators:
+            op.inputs = np.array([new[int(i)] if i >= 0 else -1 for i in op.inputs], np.int32)
+            op.outputs = np.array([new[int(i)] for i in op.outputs], np.int32)
+        graph.inputs = np.array([new[int(i)] for i in graph.inputs], np.int32)
+        graph.outputs = np.array([new[int(i)] for i in graph.outputs], np.int32)
+        for tensor_map in signatures:
+            tensor_map.tensorIndex = new[int(tensor_map.tensorIndex)]
+    codes = sorted({int(op.opcodeIndex) for g in model.subgraphs for op in g.operators})
+    if len(codes) < len(model.operatorCodes):
+        new_code = {old: position for position, old in enumerate(codes)}
+        model.operatorCodes = [model.operatorCodes[i] for i in codes]
+        for graph in model.subgraphs:
+            for op in graph.operators:
+                op.opcodeIndex = new_code[int(op.opcodeIndex)]
 
 
 def _serialize(model: Any) -> bytes:
