@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.agent import RateLimiter
+from edge_agent.protocol.predictions import iter_predictions
 from tests.support.faults import FEATURES, Gateway, release, wait_for
 
 TOPIC = "plant/line1/a/sensors"
@@ -131,7 +132,7 @@ def _drain(gw: Gateway, after: int) -> tuple[int, list[dict[str, Any]], list[dic
         last = e.id
         body = json.loads(e.payload)
         if e.topic.endswith("/predictions"):
-            preds.append(body)
+            preds.extend(iter_predictions(body))
         elif e.topic.endswith("/events") and body.get("kind") == "error":
             errors.append(body)
     return last, preds, errors
