@@ -50,6 +50,10 @@ class MosquittoBroker:
     acl: str | None = None  # the text of an ACL file; None means no ACL
     passwords: dict[str, str] | None = None  # username -> password; None means anonymous
     extra_config: str = ""
+    # Save persistence after this many changes: 1 makes every change survive a SIGKILL
+    # (the tests kill brokers); a long stream wants the shipped configs' 100, since
+    # Mosquitto rewrites its whole database at each save.
+    autosave_changes: int = 1
     _proc: subprocess.Popen[bytes] | None = None
     tls_files: TlsFiles | None = None
 
@@ -75,7 +79,7 @@ class MosquittoBroker:
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "autosave_on_changes true",
-            "autosave_interval 1",
+            f"autosave_interval {self.autosave_changes}",
             f"log_dest file {self.workdir / 'mosquitto.log'}",
             "log_type error",
             "log_type warning",
