@@ -190,6 +190,12 @@ ERRORS = [
     ("[[models]]", "[[models_]]", "[models]: expected at least one [[models]] table"),
     ("[device]", '[device]\nstate_dir2 = "x"', "[device].state_dir2: unknown key"),
     ("[limits]", "[limits]\nupdate_deadline_s = 0", "[limits].update_deadline_s: must be"),
+    ("[batching]", "[batching]\ninline_max_ms = -1", "[batching].inline_max_ms: must be"),
+    (
+        "[batching]",
+        '[batching]\ngroup_predictions = "yes"',
+        "[batching].group_predictions: expected true or false",
+    ),
 ]
 
 
