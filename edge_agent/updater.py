@@ -65,7 +65,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from edge_agent.config import AgentConfig, ModelConfig
 from edge_agent.errors import AgentError, UpdateRejected
@@ -94,6 +94,7 @@ __all__ = ["STALL_RESTART_FACTOR", "TRANSITIONS", "State", "Updater", "runtime_i
 log = logging.getLogger(__name__)
 
 Emit = Callable[..., None]  # emit(kind, code, message, **context)
+_V = TypeVar("_V")
 
 
 class State(enum.Enum):
@@ -202,8 +203,8 @@ class Updater:
         self._job: _Job | None = None
         self._watching: dict[str, LoadedModel] = {}
         self._undeployed = _UndeployedFile(config.state_dir / "undeployed.json", fs)
-        self._starts = _StartAttempts(config.state_dir / "unconfirmed.json", fs)
-        self._degraded = _ModelNotes(config.state_dir / "degraded.json", fs)
+        self._starts: _ShaMap[int] = _ShaMap(config.state_dir / "unconfirmed.json", fs, int)
+        self._degraded: _ShaMap[str] = _ShaMap(config.state_dir / "degraded.json", fs, str)
         self._stalled_file = _StalledFile(config.state_dir / "stalled.json", fs)
         # Watchdog state, shared with the updater-watchdog thread under _wd_lock.
         self._wd_lock = threading.Lock()
@@ -365,7 +366,9 @@ class Updater:
         # A stop with a step stuck is not clean.
         if self._stalled is None and self._busy is None:
             with contextlib.suppress(Exception):
-                self._starts.reset_counts()
+                for model, (sha, starts) in self._starts.items():
+                    if starts:
+                        self._starts.set(model, sha, 0)
 
     # ---- watchdog (a thread of its own; see the module docstring) ------------------
 
@@ -990,62 +993,35 @@ def _digest(raw: bytes) -> str | None:
         return None
 
 
-class _StartAttempts:
-    """model -> [sha256, starts] for an activated version not yet through its health window.
+class _ShaMap(Generic[_V]):
+    """model -> [sha256, value], one small JSON file written with ``atomic_write``.
 
-    Written at activation (starts 0), incremented before each later start loads it, cleared
-    when the window passes or the model is rolled back: a version that kills the process
-    every time it runs is rolled back after ``MAX_UNCONFIRMED_STARTS`` starts, like a boot
-    counter in an A/B updater (RAUC, Mender)."""
+    ``unconfirmed.json`` (value: starts) holds an activated version not yet through its
+    health window: written at activation (starts 0), incremented before each later start
+    loads it, cleared when the window passes or the model is rolled back, so a version
+    that kills the process every time it runs is rolled back after
+    ``MAX_UNCONFIRMED_STARTS`` starts, like a boot counter in an A/B updater (RAUC,
+    Mender). ``degraded.json`` (value: the reason) holds a version that failed its health
+    window with nothing to roll back to. A file that does not parse counts as empty: both
+    only ever make the agent more careful, never trust more."""
 
-    def __init__(self, path: Path, fs: FileSystem) -> None:
+    def __init__(self, path: Path, fs: FileSystem, value: Callable[[Any], _V]) -> None:
         self.path = path
         self._fs = fs
         try:
             raw = json.loads(path.read_bytes()) if path.exists() else {}
-            self._models = {str(k): (str(v[0]), int(v[1])) for k, v in dict(raw).items()}
+            self._models = {str(k): (str(v[0]), value(v[1])) for k, v in dict(raw).items()}
         except (OSError, ValueError, TypeError, IndexError, KeyError):
             self._models = {}
 
-    def get(self, model: str) -> tuple[str, int] | None:
+    def get(self, model: str) -> tuple[str, _V] | None:
         return self._models.get(model)
 
-    def set(self, model: str, sha: str, starts: int) -> None:
-        self._models[model] = (sha, starts)
-        self._save()
+    def items(self) -> list[tuple[str, tuple[str, _V]]]:
+        return list(self._models.items())
 
-    def clear(self, model: str) -> None:
-        if self._models.pop(model, None) is not None:
-            self._save()
-
-    def reset_counts(self) -> None:
-        if any(n for _, n in self._models.values()):
-            self._models = {m: (sha, 0) for m, (sha, _) in self._models.items()}
-            self._save()
-
-    def _save(self) -> None:
-        body = {m: [sha, n] for m, (sha, n) in self._models.items()}
-        self._fs.atomic_write(self.path, json.dumps(body, sort_keys=True).encode())
-
-
-class _ModelNotes:
-    """model -> [sha256, note] (``degraded.json``: a version that failed its health window
-    with nothing to roll back to; the note is the reason)."""
-
-    def __init__(self, path: Path, fs: FileSystem) -> None:
-        self.path = path
-        self._fs = fs
-        try:
-            raw = json.loads(path.read_bytes()) if path.exists() else {}
-            self._models = {str(k): (str(v[0]), str(v[1])) for k, v in dict(raw).items()}
-        except (OSError, ValueError, TypeError, IndexError, KeyError):
-            self._models = {}
-
-    def get(self, model: str) -> tuple[str, str] | None:
-        return self._models.get(model)
-
-    def set(self, model: str, sha: str, note: str) -> None:
-        self._models[model] = (sha, note)
+    def set(self, model: str, sha: str, value: _V) -> None:
+        self._models[model] = (sha, value)
         self._save()
 
     def clear(self, model: str) -> None:
@@ -1053,7 +1029,7 @@ class _ModelNotes:
             self._save()
 
     def _save(self) -> None:
-        body = {m: [sha, note] for m, (sha, note) in self._models.items()}
+        body = {m: [sha, v] for m, (sha, v) in self._models.items()}
         self._fs.atomic_write(self.path, json.dumps(body, sort_keys=True).encode())
 
 

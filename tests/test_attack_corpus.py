@@ -97,9 +97,23 @@ def _signed(files: dict[str, bytes], *, raw: bool = False, key: Any = KEY, **kw:
     return resign_raw(signed, key) if raw else sign_manifest(signed, key)
 
 
+def _onnx_matmul(w: Any) -> bytes:
+    """input[N, 4] x W -> score: a valid graph around an initializer that is not."""
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])
+    y = helper.make_tensor_value_info("score", TensorProto.FLOAT, [None, 1])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["input", "W"], ["score"])], "g", [x], [y], [w]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
 def _onnx_external_data() -> bytes:
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     w = onnx.TensorProto()
     w.name, w.data_type = "W", TensorProto.FLOAT
@@ -108,32 +122,18 @@ def _onnx_external_data() -> bytes:
     for k, v in (("location", "../../../../etc/shadow"), ("offset", "0"), ("length", "16")):
         entry = w.external_data.add()
         entry.key, entry.value = k, v
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])
-    y = helper.make_tensor_value_info("score", TensorProto.FLOAT, [None, 1])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "W"], ["score"])], "g", [x], [y], [w]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
+    return _onnx_matmul(w)
 
 
 def _onnx_absurd_dimension() -> bytes:
     import onnx
-    from onnx import TensorProto, helper
+    from onnx import TensorProto
 
     w = onnx.TensorProto()
     w.name, w.data_type = "W", TensorProto.FLOAT
     w.dims.extend([1 << 40, 1 << 20])
     w.raw_data = b"\0" * 16
-    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 4])
-    y = helper.make_tensor_value_info("score", TensorProto.FLOAT, [None, 1])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["input", "W"], ["score"])], "g", [x], [y], [w]
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    return bytes(model.SerializeToString())
+    return _onnx_matmul(w)
 
 
 # ---- the corpus -------------------------------------------------------------------------

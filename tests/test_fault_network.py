@@ -17,6 +17,7 @@ tests/test_mqtt_link.py, tests/test_outbox.py and tests/test_fault_outage.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,7 +45,9 @@ def _retain(b: ScriptedBroker, rel: Release) -> None:
     b.retained[f"{ROOT}/manifests/line-1/pump"] = rel.wire
 
 
-def _agent(tmp_path: Path, port: int, **config: Any) -> Any:
+@contextlib.contextmanager
+def _agent(tmp_path: Path, port: int, **config: Any) -> Iterator[Any]:
+    """A started in-process agent on the scripted broker, stopped however the test ends."""
     gw = Gateway(tmp_path, port=port, **config)
     gw.close()
     from edge_agent.agent import Agent
@@ -52,7 +55,10 @@ def _agent(tmp_path: Path, port: int, **config: Any) -> Any:
 
     agent = Agent(load_config(tmp_path / "agent.toml"))
     agent.start()
-    return agent
+    try:
+        yield agent
+    finally:
+        agent.stop(timeout=3)
 
 
 def _serving(agent: Any) -> str | None:
@@ -67,24 +73,20 @@ def test_cut_after_connect_reconnects_within_backoff_bound(
     _retain(sb, v1)
     sb.cut_after_connect = 3
     t0 = time.monotonic()
-    agent = _agent(tmp_path, sb.port)
-    try:
+    with _agent(tmp_path, sb.port) as agent:
         assert wait_until(lambda: agent.link.connected, 20)
         took = time.monotonic() - t0
         assert [e for e, _ in sb.log].count("cut") == 3
         assert took <= 12.0, f"reconnected after {took:.1f}s"
         assert wait_until(lambda: _serving(agent) == v1.sha256, 20)
         assert agent.link.healthy()
-    finally:
-        agent.stop(timeout=3)
 
 
 def test_cut_before_puback_is_resent_from_the_outbox(sb: ScriptedBroker, tmp_path: Path) -> None:
     v1 = release(1)
     _retain(sb, v1)
     sb.cut_before_puback = {"/events"}  # the first event the agent publishes
-    agent = _agent(tmp_path, sb.port)
-    try:
+    with _agent(tmp_path, sb.port) as agent:
         assert wait_until(lambda: _serving(agent) == v1.sha256, 30)
         assert wait_until(lambda: agent.outbox.depth() == 0, 30)
         cut = [d for e, d in sb.log if e == "cut"]
@@ -93,8 +95,6 @@ def test_cut_before_puback_is_resent_from_the_outbox(sb: ScriptedBroker, tmp_pat
         first = events[0]
         assert events.count(first) >= 2, "the unacknowledged event was not resent"
         assert agent.link.healthy()
-    finally:
-        agent.stop(timeout=3)
 
 
 def test_cut_mid_chunk_resumes_from_the_missing_chunks(sb: ScriptedBroker, tmp_path: Path) -> None:
@@ -103,8 +103,7 @@ def test_cut_mid_chunk_resumes_from_the_missing_chunks(sb: ScriptedBroker, tmp_p
     chunk_ids = [cid for cid, _ in v1.chunks()]
     target = sorted(chunk_ids)[3]  # the agent subscribes in sorted order
     sb.cut_mid_publish = {target}
-    agent = _agent(tmp_path, sb.port)
-    try:
+    with _agent(tmp_path, sb.port) as agent:
         assert wait_until(lambda: _serving(agent) == v1.sha256, 30)
         cut_at = next(i for i, (e, _) in enumerate(sb.log) if e == "cut")
         # chunks the agent had verified and written (it unsubscribes each one it has)
@@ -119,8 +118,6 @@ def test_cut_mid_chunk_resumes_from_the_missing_chunks(sb: ScriptedBroker, tmp_p
         assert before and target not in before
         assert target in again and not (before & again), "received chunks were fetched again"
         assert agent.link.healthy()
-    finally:
-        agent.stop(timeout=3)
 
 
 @pytest.mark.parametrize(
@@ -132,13 +129,10 @@ def test_trickled_chunk_completes_and_the_loop_stays_alive(
     v1 = release(1)
     _retain(sb, v1)
     sb.trickle = (v1.chunks()[2][0], seconds)
-    agent = _agent(tmp_path, sb.port, deadline_s=seconds * 3 + 30)
-    try:
+    with _agent(tmp_path, sb.port, deadline_s=seconds * 3 + 30) as agent:
         deadline = time.monotonic() + seconds + 30
         while _serving(agent) != v1.sha256:
             assert time.monotonic() < deadline, "update did not complete"
             assert agent.link.healthy(), "network loop dead or stalled during the trickle"
             time.sleep(0.2)
         assert ("trickle", f"{ROOT}/chunks/{v1.chunks()[2][0]}") in sb.log
-    finally:
-        agent.stop(timeout=3)
