@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from edge_agent.config import AgentConfig
@@ -269,7 +270,9 @@ class Agent:
 
     # ---- messages out -----------------------------------------------------------------
 
-    def _store_predictions(self, items: list[tuple[str, bytes]]) -> None:
+    def _store_predictions(
+        self, items: list[tuple[str, bytes]], on_sent: Callable[[], None] | None = None
+    ) -> None:
         rows = [(topic, payload, 1, False) for topic, payload in items]
         pump = self.pump
         if pump is None:
@@ -278,7 +281,7 @@ class Agent:
         # One transaction for the micro-batch; its predictions are handed to the link
         # from this thread while the commit's fsync runs (no pump-thread wake-up on the
         # latency path). Deleted only after commit and PUBACK, as always.
-        pump.put_and_send(rows)
+        pump.put_and_send(rows, on_sent)
 
     def emit(self, kind: str, code: str, message: str, **context: Any) -> None:
         """One event (docs/protocol.md section 8.2), through the outbox."""

@@ -302,6 +302,11 @@ def _finite_or_none(value: Any) -> Any:
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
+# store(predictions, on_sent): on_sent() runs once they are on the wire (or queued
+# behind older messages), before the commit's fsync.
+StorePredictions = Callable[[list[tuple[str, bytes]], Callable[[], None] | None], None]
+
+
 class InferenceEngine:
     """Routes sensor messages to models, micro-batches them and stores predictions."""
 
@@ -309,7 +314,7 @@ class InferenceEngine:
         self,
         config: AgentConfig,
         *,
-        store_predictions: Callable[[list[tuple[str, bytes]]], None],
+        store_predictions: StorePredictions,
         seq: SeqCounter,
         telemetry: Telemetry,
         on_error: ErrorSink,
@@ -318,8 +323,13 @@ class InferenceEngine:
     ) -> None:
         self.config = config
         self._acknowledge = acknowledge
-        # Recent duration of a batch of one (ms, smoothed): run_now's stall bound.
+        # How long a lone message recently took from receipt to its prediction on the
+        # wire (ms, smoothed): run_now's bound. The commit's fsync that follows on the
+        # same thread is not counted: it delays no answer (a message arriving meanwhile
+        # waits on the socket, is seen by ``input_waiting`` and goes to the worker), and
+        # counting it sent lone messages to the worker on every slow fsync.
         self._lone_ms = 0.0
+        self._sent_at = 0.0
         self._store = store_predictions
         self._seq = seq
         self._telemetry = telemetry
@@ -396,13 +406,14 @@ class InferenceEngine:
 
     def _run_batch(self, items: list[_Item]) -> None:
         started = time.perf_counter()
+        self._sent_at = 0.0
         self._answer_batch(items)  # raises: not acknowledged, the broker redelivers
         if self._acknowledge is not None:
             tokens = [i.token for i in items if i.token is not None]
             if tokens:
                 self._acknowledge(tokens)
         if len(items) == 1:
-            took = (time.perf_counter() - started) * 1000.0
+            took = ((self._sent_at or time.perf_counter()) - started) * 1000.0
             # Smoothed, but a slow call counts at once: the network thread is not kept
             # waiting twice in a row by a model that has become slow.
             self._lone_ms = max(took, 0.8 * self._lone_ms + 0.2 * took)
@@ -433,11 +444,14 @@ class InferenceEngine:
             for name, messages in by_model.items():
                 out.extend(self._answer(name, messages, after))
             if out:
-                self._store(out)
+                self._store(out, self._mark_sent)
                 self.answered += len(out)
         finally:
             for step in after:  # bookkeeping (stats, health, drift) off the latency path
                 step()
+
+    def _mark_sent(self) -> None:
+        self._sent_at = time.perf_counter()
 
     def _answer(
         self, name: str, messages: list[tuple[_Item, list[Row]]], after: list[Callable[[], None]]

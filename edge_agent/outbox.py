@@ -396,18 +396,28 @@ class OutboxPump:
             sent = self._publish_next() if self.link.connected else 0
         return bool(deleted or sent)
 
-    def put_and_send(self, items: Sequence[tuple[str, bytes, int, bool]]) -> int:
+    def put_and_send(
+        self,
+        items: Sequence[tuple[str, bytes, int, bool]],
+        on_sent: Callable[[], None] | None = None,
+    ) -> int:
         """Store ``items`` durably and publish them on the caller's thread, the network
         round trip overlapping the commit's fsync when nothing older waits; whatever
-        could not go now is left to the pump thread. Returns how many were stored."""
+        could not go now is left to the pump thread. Returns how many were stored.
+        ``on_sent()`` runs once the messages are on the wire (or left to the pump, when
+        older ones wait), before the commit's fsync."""
         with self._turn:
             acked = self._take_acked()
             cursor = self._cursor
             sent: list[Entry] = []
+
+            def send(entries: list[Entry]) -> None:
+                self._send_fresh(entries, sent)
+                if on_sent is not None:
+                    on_sent()
+
             try:
-                stored = self.outbox.put_many(
-                    items, before_commit=lambda e: self._send_fresh(e, sent), acked=acked
-                )
+                stored = self.outbox.put_many(items, before_commit=send, acked=acked)
             except BaseException:
                 self._requeue(acked)
                 for entry in sent:  # rolled back: SQLite reuses these ids, forget them
