@@ -44,6 +44,14 @@ EXIT_ERROR = 2  # the command could not run (bad URI, unreachable server, bad in
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--capabilities", is_flag=True, help="Print the estimator x variant matrix.")
 @click.option(
+    "--format",
+    "capabilities_format",
+    type=click.Choice(["text", "markdown", "json"]),
+    default=None,
+    help="How --capabilities prints the matrix: text (default), markdown (README's table), "
+    "json (same as --json).",
+)
+@click.option(
     "--min-agreement-fp32",
     type=float,
     default=None,
@@ -66,6 +74,7 @@ def convert(
     log_to_registry: bool,
     as_json: bool,
     capabilities: bool,
+    capabilities_format: str | None,
     min_agreement_fp32: float | None,
     min_agreement_reduced: float | None,
     debug: bool,
@@ -73,8 +82,10 @@ def convert(
     """Convert MODEL_URI (models:/NAME@ALIAS, models:/NAME/STAGE, models:/NAME/VERSION,
     models:/m-ID, runs:/RUN_ID/PATH or a local model directory) into edge bundles."""
     try:
+        if capabilities_format is not None and not capabilities:
+            raise click.UsageError("--format applies to --capabilities only (use --json)")
         if capabilities:
-            _print_capabilities(as_json)
+            _print_capabilities(_capabilities_format(capabilities_format, as_json=as_json))
             return
         if not model_uri or out_dir is None:
             raise click.UsageError("MODEL_URI and --out are required (or --capabilities)")
@@ -204,11 +215,23 @@ def _replace(thresholds: Any, **changes: float) -> Any:
     return replace(thresholds, **changes)
 
 
-def _print_capabilities(as_json: bool) -> None:
-    from converter.capabilities import matrix, render_text
+def _capabilities_format(chosen: str | None, *, as_json: bool) -> str:
+    if as_json and chosen not in (None, "json"):
+        raise click.UsageError(f"--json contradicts --format {chosen}; give one of them")
+    return "json" if as_json else chosen or "text"
+
+
+def _print_capabilities(fmt: str) -> None:
+    from converter.capabilities import matrix, render_markdown, render_text
 
     table = matrix()
-    click.echo(json.dumps(table, indent=2) if as_json else render_text(table))
+    if fmt == "json":
+        click.echo(json.dumps(table, indent=2))
+    elif fmt == "markdown":
+        # README's "What converts to what" table is this output, verbatim (tests/test_docs.py).
+        click.echo(render_markdown(table))
+    else:
+        click.echo(render_text(table))
 
 
 def _print_summary(result: Any) -> None:

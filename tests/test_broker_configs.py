@@ -21,6 +21,9 @@ import pytest
 
 from edge_agent.errors import BrokerError
 from edge_agent.mqtt import LinkOptions, Message, MqttLink
+from edge_agent.protocol.chunks import MAX_CHUNK_SIZE
+from edge_agent.protocol.manifest import Limits
+from edge_agent.protocol.topics import MAX_ID_LENGTH
 from tests.support.broker import TlsFiles, free_port, make_tls_files
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "device_configs" / "mosquitto"
@@ -215,7 +218,7 @@ def test_devices_write_only_their_own_topics_and_read_no_one_elses(plant: Plant,
 
 
 def test_gateway_bridge_forwards_and_queues_while_the_plant_is_down(
-    plant: Plant, connect, tmp_path: Path  # type: ignore[no-untyped-def]
+    plant: Plant, connect: Callable[..., tuple[MqttLink, list[Message]]], tmp_path: Path
 ) -> None:
     workdir = tmp_path / "gateway"
     (workdir / "data").mkdir(parents=True)
@@ -260,6 +263,62 @@ def test_gateway_bridge_forwards_and_queues_while_the_plant_is_down(
         assert not any(m.payload == b"local" for m in sync_got)
     finally:
         gateway.stop()
+
+
+def directive(name: str, conf: str) -> str:
+    """The value of a Mosquitto directive as the shipped file sets it (exactly once)."""
+    values = [ln.split(None, 1)[1] for ln in (CONF_DIR / conf).read_text().splitlines()
+              if ln.split(None, 1)[:1] == [name]]
+    assert len(values) == 1, f"{conf} sets {name} {len(values)} times"
+    return values[0]
+
+
+# The longest manifest topic the shipped configs produce (root "lineside", 64-char ids).
+LONGEST_MANIFEST_TOPIC = f"lineside/manifests/{'g' * MAX_ID_LENGTH}/{'m' * MAX_ID_LENGTH}"
+
+
+@pytest.mark.parametrize("conf", ["plant-broker.conf", "gateway-bridge.conf"])
+def test_packet_limit_admits_the_largest_manifest_the_protocol_allows(conf: str) -> None:
+    limit = int(directive("max_packet_size", conf))
+    # PUBLISH: 1 type byte + up to 4 length bytes + 2 + topic + 2 (packet id) + payload.
+    largest = 1 + 4 + 2 + len(LONGEST_MANIFEST_TOPIC.encode()) + 2 + Limits().max_manifest_bytes
+    assert largest <= limit < 2 * Limits().max_manifest_bytes, (conf, limit, largest)
+    assert limit > MAX_CHUNK_SIZE
+
+
+def test_plant_broker_carries_a_1_mib_manifest_and_drops_larger_packets(
+    plant: Plant, connect: Callable[..., tuple[MqttLink, list[Message]]]
+) -> None:
+    limit = int(directive("max_packet_size", "plant-broker.conf"))
+    sync, _ = connect(**plant_client(plant, "lineside-sync"))
+    dev, got = connect(**plant_client(plant, DEVICE_A, subscribe=("lineside/manifests/#",
+                                                                  "lineside/chunks/#")))
+    manifest = b"m" * Limits().max_manifest_bytes
+    chunk = b"c" * MAX_CHUNK_SIZE
+    chunk_topic = f"lineside/chunks/{'a' * 64}"
+    assert sync.publish(chunk_topic, chunk, retain=True).wait(10)
+    assert sync.publish(LONGEST_MANIFEST_TOPIC, manifest, retain=True).wait(10)
+    assert wait_until(lambda: any(m.payload == manifest for m in got), 20)
+    assert [m.topic for m in got] == [chunk_topic, LONGEST_MANIFEST_TOPIC]
+    assert dev.connected
+
+    # A payload the size of the limit (so the packet is over it): Mosquitto disconnects
+    # the sender and delivers nothing.
+    too_big = b"x" * limit
+    # (The broker closes the socket once it has read the packet's length, so the write may
+    # never complete: the handle is not awaited.)
+    sync.publish("lineside/manifests/g/too-big", too_big, qos=0)
+
+    def marker_arrived() -> bool:
+        try:
+            sync.publish("lineside/manifests/g/after", b"after").wait(2)
+        except BrokerError:  # still reconnecting after the broker dropped us
+            return False
+        return any(m.payload == b"after" for m in got)
+
+    assert wait_until(marker_arrived, 20), plant.broker.read_log()
+    assert sync.stats["connects"] >= 2  # the oversized packet cost the sender its connection
+    assert not any(m.topic.endswith("/too-big") for m in got)
 
 
 def test_acl_and_unit_files_are_consistent() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -55,7 +56,7 @@ def test_convert_writes_a_valid_mlflow_bundle_with_metadata(
     import mlflow.pyfunc
     from mlflow.models import Model
 
-    meta = Model.load(str(bundle)).metadata["lineside"]
+    meta = (Model.load(str(bundle)).metadata or {})["lineside"]
     # every file's digest is right, and nothing pickled is in the bundle
     for rel, digest in meta["files"].items():
         data = (bundle / rel).read_bytes()
@@ -123,6 +124,55 @@ def test_a_failed_parity_gate_exits_non_zero_and_writes_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_min_agreement_reduced_sets_the_gate_of_fp16_and_int8(
+    registry: Registry, model_name: str, tmp_path: Path
+) -> None:
+    from sklearn.neural_network import MLPClassifier
+
+    rng = np.random.default_rng(11)
+    X = pd.DataFrame(rng.normal(size=(400, 4)), columns=FEATURES)
+    y = (X["vibration"] * X["temp"] > 0).astype(int).to_numpy()
+    # (64, 64) hidden units: enough weights that fp16 halves the file, so the variant applies
+    model = MLPClassifier(hidden_layer_sizes=(64, 64), max_iter=300, random_state=0).fit(X, y)
+    registry.log_sklearn(model, X, name="model", registered_name=model_name)
+    uri = f"models:/{model_name}/1"
+    ok = _run(uri, "--out", str(tmp_path / "ok"), "--variant", "onnx-fp16", "--json")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["variants"][0]["status"] == "written"
+    # Agreement above 100% cannot be met: the reduced-precision gate must refuse it.
+    strict = _run(uri, "--out", str(tmp_path / "strict"), "--variant", "onnx-fp16",
+                  "--min-agreement-reduced", "1.01")
+    assert strict.exit_code == 1
+    assert "parity gate failed" in strict.output
+    assert not (tmp_path / "strict" / "onnx-fp16").exists()
+
+
+def test_target_builds_the_variants_the_device_class_prefers(
+    registered: Any, tmp_path: Path
+) -> None:
+    shipped = Path(__file__).resolve().parents[1] / "device_configs" / "raspberry-pi-4.toml"
+    text = shipped.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("variants = ["))
+    # The shipped class, preferring onnx-int8 then onnx-fp32 (no TFLite build in this test).
+    config = tmp_path / "pi4.toml"
+    config.write_text(text.replace(line, 'variants = ["onnx-int8", "onnx-fp32"]'))
+    result = _run(f"models:/{NAME}/1", "--out", str(tmp_path / "out"), "--target", str(config),
+                  "--json")
+    assert result.exit_code == 0, result.output
+    report = {v["variant"]: v for v in json.loads(result.stdout)["variants"]}
+    assert list(report) == ["onnx-int8", "onnx-fp32"]
+    # LogisticRegression is an ai.onnx.ml LinearClassifier: nothing for int8 to quantize
+    assert report["onnx-int8"]["status"] == "skipped" and "int8" in report["onnx-int8"]["reason"]
+    assert report["onnx-fp32"]["status"] == "written"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["onnx-fp32"]
+
+    broken = tmp_path / "broken.toml"
+    broken.write_text(text.replace(line, 'variants = "onnx-fp32"'))
+    bad = _run(f"models:/{NAME}/1", "--out", str(tmp_path / "bad"), "--target", str(broken))
+    assert bad.exit_code == 2
+    assert f"--target {broken}" in bad.stderr and "variants" in bad.stderr
+
+
 def test_calibration_csv_feeds_the_gate_and_the_baseline(registered: Any, tmp_path: Path) -> None:
     rows = np.random.default_rng(3).normal(size=(64, 4))
     csv = tmp_path / "cal.csv"
@@ -142,7 +192,7 @@ def test_calibration_csv_feeds_the_gate_and_the_baseline(registered: Any, tmp_pa
     assert parity["rows_validation"] == 64
     from mlflow.models import Model
 
-    meta = Model.load(str(tmp_path / "out" / "onnx-fp32")).metadata["lineside"]
+    meta = (Model.load(str(tmp_path / "out" / "onnx-fp32")).metadata or {})["lineside"]
     assert meta["baseline"]["source"] == "calibration-data"
 
 
@@ -272,3 +322,74 @@ def test_debug_shows_the_traceback(registered: Any, tmp_path: Path) -> None:
     from converter.errors import ModelNotFoundError
 
     assert isinstance(result.exception, ModelNotFoundError)
+
+
+# ---- `lineside convert --capabilities`: the matrix README shows, from the real command ----
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _lineside(*args: str) -> Any:
+    from lineside.cli import cli
+
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def _readme_matrix() -> str:
+    """The table under README's "What converts to what" heading, verbatim."""
+    section = README.read_text().split("## What converts to what", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("|")]
+    assert rows, "README's 'What converts to what' section has no table"
+    return "\n".join(rows)
+
+
+def test_capabilities_text_runs_and_explains_every_no() -> None:
+    from converter.capabilities import estimators
+
+    result = _lineside("convert", "--capabilities")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = lines[0].split()
+    assert header == ["onnx-fp32", "onnx-fp16", "onnx-int8", "tflite-fp32", "tflite-fp16",
+                      "tflite-int8"]
+    rows = {line.split()[0]: line for line in lines[1:] if line and line.split()[0] in
+            estimators()}
+    assert list(rows) == list(estimators())
+    # IsolationForest has no TFLite op; every "no [n]" has its footnote [n] below the table.
+    assert "no [" in rows["IsolationForest"] and rows["MLPClassifier"].count("yes") == 6
+    cited = {int(n) for n in re.findall(r"no \[(\d+)\]", result.stdout)}
+    notes = {int(m) for m in re.findall(r"^\[(\d+)\] \S", result.stdout, re.M)}
+    assert cited and cited == notes
+
+
+def test_capabilities_markdown_is_readme_table_verbatim() -> None:
+    result = _lineside("convert", "--capabilities", "--format", "markdown")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == _readme_matrix(), (
+        "README's matrix differs from `lineside convert --capabilities --format markdown`; "
+        "paste the command's output into README.md"
+    )
+
+
+def test_capabilities_json_matches_the_format_flag_and_the_table() -> None:
+    from converter.capabilities import matrix
+
+    as_flag = _lineside("convert", "--capabilities", "--json")
+    as_format = _lineside("convert", "--capabilities", "--format", "json")
+    assert as_flag.exit_code == 0 and as_format.exit_code == 0
+    assert json.loads(as_flag.stdout) == json.loads(as_format.stdout) == matrix()
+    assert json.loads(as_flag.stdout)["KMeans"]["tflite-int8"] is None
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--format", "markdown"], "--format applies to --capabilities only"),
+        (["--capabilities", "--json", "--format", "markdown"], "--json contradicts --format"),
+        (["--capabilities", "--format", "html"], "'html' is not one of"),
+    ],
+)
+def test_capabilities_format_misuse_is_a_usage_error(args: list[str], message: str) -> None:
+    result = CliRunner().invoke(convert_cmd, args)
+    assert result.exit_code == 2
+    assert message in result.output
