@@ -3,19 +3,37 @@
 A rollout is per model and target version. Groups get the manifest in the configured
 order; group ``k+1`` gets it only when the gate on group ``k`` holds:
 
-- at least ``min_devices`` devices of group ``k`` report the new version active and
-  online, each continuously for ``healthy_for_s`` seconds;
-- no failing update event (``rolled_back``, ``update_stalled``, ``rollback_unavailable``:
-  the version was rolled back, hung a device's updater, or failed its health window
-  with nothing to fall back to) for the model from a device of the group since the
-  stage began;
-- their error rate (telemetry ``errors / rows`` on the new version) is at most
-  ``max_error_rate``.
+- at least ``min_devices`` devices of group ``k`` are *healthy* on the new version: online,
+  their retained ``state`` (docs/protocol.md section 8.1) shows the version serving and
+  not ``degraded``, continuously for ``healthy_for_s`` seconds, and the agent's own health
+  window is over: a device whose last word about the version since the stage began is
+  ``activated`` (no ``healthy`` event yet, section 8.2) is still being watched and does not
+  count. Set ``healthy_for_s`` at least to the agents' ``[health] window_s``: the events
+  ring of the fleet view is bounded, the state is what always remains;
+- no member device condemned the version since the stage began (``FAILING_EVENTS``): it
+  rolled it back, failed its health window with nothing to fall back to, stalled its
+  updater, or *refused* it (``REFUSALS``: a valid-but-bad model, ``load_failed``,
+  ``golden_mismatch``, ``schema_mismatch``; or a manifest the device will never run:
+  bad signature, unknown key, wrong target, known bad...). A device refusing the version
+  has failed the gate as surely as one rolling it back; without this a version every
+  canary refuses would hold the gate until the stage timeout (or forever). Transient
+  download failures (``chunk_hash``, ``file_hash``, ``download_timeout``, retried on the
+  next delivery) and device-local faults (``store_error``, ``internal_error``) do not
+  condemn the version: the stage timeout bounds them;
+- the error rate of the group on the new version, from the agents' telemetry (section
+  8.3: ``rows_total`` answered rows and ``errors_total`` per kind, folded by
+  ``registry_sync.fleet``), ``errors / (rows + errors)`` -- the share of attempted rows
+  that failed, as the agent computes its own ``error_rate``, so a version failing every
+  row has a rate of 100%, not an undefined one -- is at most ``max_error_rate``.
 
-The gate *fails* (the rollout halts) on such an event, on an error rate above the
-threshold, or when ``stage_timeout_s`` passes without the gate holding. A device belongs
-to group ``k`` when it reported an update event naming that group for the model, or its
-state carries the sequence we published on that group's topic.
+The gate *fails* (the rollout halts, and with ``revert_on_failure`` the group gets its
+previous manifest back) on such an event, on an error rate above the threshold, or when
+``stage_timeout_s`` passes without the gate holding. ``stage_timeout_s = 0`` means no
+timeout: an explicit choice to wait for the gate forever (a canary group with no device
+online then holds the rollout indefinitely); the shipped ``device_configs/sync.toml``
+sets 7200 s. A device belongs to group ``k`` when its update events named that group for
+the model; a device whose events named no group for it (the service saw none of them)
+belongs to it when its state carries the sequence we published on that group's topic.
 
 Moving the selector back to an older version (a registry rollback) and undeploys are not
 staged: every group gets them at once, since they are the way out of trouble.
@@ -30,7 +48,15 @@ from typing import Any
 from registry_sync.config import RolloutSettings
 from registry_sync.fleet import DeviceRecord
 
-__all__ = ["GateResult", "Rollout", "advance", "evaluate_gate", "start_rollout"]
+__all__ = [
+    "FAILING_EVENTS",
+    "REFUSALS",
+    "GateResult",
+    "Rollout",
+    "advance",
+    "evaluate_gate",
+    "start_rollout",
+]
 
 IN_PROGRESS, COMPLETE, HALTED = "in_progress", "complete", "halted"
 
@@ -101,19 +127,100 @@ def start_rollout(
     return r
 
 
-# Update events that condemn the version being rolled out (docs/protocol.md section 8.2).
+# Update events after which the device will not run the version being rolled out
+# (docs/protocol.md section 8.2; codes from edge_agent.updater and edge_agent.update_errors).
 FAILING_EVENTS = {
     "rolled_back": "rolled back",
     "update_stalled": "stalled updating",
     "rollback_unavailable": "failed its health window (no previous version) on",
 }
+# Refusals: the manifest or the model it names is rejected for good on that device (marked
+# bad, or a manifest the device's trust checks will never accept). Not here: the transient
+# download failures (chunk_hash, file_hash, download_timeout: retried on the next delivery),
+# replayed_sequence and duplicate/unexpected chunks (about a stale copy, not this version),
+# store_error and internal_error (the device's own fault; the stage timeout bounds them).
+REFUSALS = frozenset(
+    {
+        "load_failed",  # the runtime refuses the verified file
+        "golden_mismatch",  # smoke test: golden inputs give other outputs
+        "schema_mismatch",  # smoke test: inputs cannot be fed from the device's field mapping
+        "known_bad",  # the device marked this model file bad before
+        "unsafe_model",
+        "malformed_manifest",
+        "unsupported_version",
+        "too_large",
+        "unknown_key",
+        "bad_signature",
+        "expired",
+        "wrong_target",  # not this device's class or variant/runtime
+    }
+)
+# The agent's last word on a version: activated, then healthy once its window passed.
+_WINDOW_OPEN, _WINDOW_PASSED = "activated", "healthy"
 
 
 def _is_member(rec: DeviceRecord, model: str, group: str, sequence: int | None) -> bool:
-    if group in rec.groups.get(model, []):
-        return True
+    named = rec.groups.get(model)
+    if named:
+        # The device's update events name the groups it took this model from. Its state's
+        # sequence would be ambiguous: every (group, model) stream counts from 0, so a
+        # canary on sequence 0 would look like a member of every group at sequence 0.
+        return group in named
     info = rec.models.get(model) or {}
     return sequence is not None and info.get("sequence") == sequence
+
+
+def _about(ev: Mapping[str, Any], rollout: Rollout, group: str) -> bool:
+    """The event is about this stage: this model, received since the stage began, and
+    (when it says) this version and this group."""
+    if ev.get("model") != rollout.model:
+        return False
+    if _float(ev.get("received")) < rollout.stage_started_at:
+        return False
+    version = ev.get("version")
+    if version is not None and version != rollout.version:
+        return False  # e.g. a late event about the version it replaced
+    where = ev.get("group")
+    return where is None or where == group
+
+
+def _condemned(rec: DeviceRecord, rollout: Rollout, group: str) -> str | None:
+    """Why the device failed the gate, or None."""
+    for ev in rec.events:
+        code = str(ev.get("code"))
+        if code not in FAILING_EVENTS and code not in REFUSALS:
+            continue
+        if not _about(ev, rollout, group):
+            continue
+        detail = str(ev.get("message", ""))
+        if code in FAILING_EVENTS:
+            return f"device {rec.device} {FAILING_EVENTS[code]} {rollout.model} ({detail})"
+        return (
+            f"device {rec.device} refused {rollout.model} v{rollout.version} "
+            f"({code}: {detail})"
+        )
+    return None
+
+
+def _window_open(rec: DeviceRecord, rollout: Rollout, group: str) -> bool:
+    """The agent activated the version this stage and has not reported its health window
+    passed yet."""
+    last = None
+    for ev in rec.events:
+        code = ev.get("code")
+        if code in (_WINDOW_OPEN, _WINDOW_PASSED) and _about(ev, rollout, group):
+            last = code
+    return last == _WINDOW_OPEN
+
+
+def _serving(rec: DeviceRecord, model: str, version: int) -> bool:
+    info = rec.models.get(model) or {}
+    return (
+        info.get("version") == version
+        and info.get("serving", True) is not False  # older agents do not report it
+        and not info.get("degraded")
+        and info.get("desired", True) is not False
+    )
 
 
 def evaluate_gate(
@@ -129,18 +236,9 @@ def evaluate_gate(
         d for d, rec in devices.items() if _is_member(rec, model, group, group_sequence)
     )
     for name in members:
-        for ev in devices[name].events:
-            code = str(ev.get("code"))
-            if (
-                code in FAILING_EVENTS
-                and ev.get("model") == model
-                and float(ev.get("received", 0)) >= rollout.stage_started_at
-            ):
-                return GateResult(
-                    "fail",
-                    f"device {name} {FAILING_EVENTS[code]} {model} ({ev.get('message', '')})",
-                    members=tuple(members),
-                )
+        why = _condemned(devices[name], rollout, group)
+        if why is not None:
+            return GateResult("fail", why, members=tuple(members))
     rows = errors = 0
     healthy = []
     for name in members:
@@ -152,13 +250,17 @@ def evaluate_gate(
         since = rec.active_since.get(model)
         if not rec.online or since is None or since[0] != version:
             continue
+        if not _serving(rec, model, version) or _window_open(rec, rollout, group):
+            continue
         if now - float(since[1]) >= settings.healthy_for_s:
             healthy.append(name)
-    rate = errors / rows if rows else None
+    attempted = rows + errors
+    rate = errors / attempted if attempted else None
     if rate is not None and rate > settings.max_error_rate:
         return GateResult(
             "fail",
-            f"error rate {rate:.2%} on {group} is above {settings.max_error_rate:.2%}",
+            f"error rate {rate:.2%} ({errors} of {attempted} rows) on {group} is above "
+            f"{settings.max_error_rate:.2%}",
             tuple(healthy),
             tuple(members),
             rate,
@@ -176,7 +278,7 @@ def evaluate_gate(
             "fail",
             f"gate on {group} did not hold within "
             f"{settings.stage_timeout_s:g}s ({len(healthy)} of "
-            f"{settings.min_devices} healthy)",
+            f"{settings.min_devices} healthy, {len(members)} device(s) in the group)",
             tuple(healthy),
             tuple(members),
             rate,
@@ -222,3 +324,9 @@ def advance(settings: RolloutSettings, rollout: Rollout, gate: GateResult, now: 
         rollout.reason = f"stage {rollout.stage}: {rollout.current_group}"
         rollout.history.append({"ts": now, "event": rollout.reason})
     return True
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return 0.0
