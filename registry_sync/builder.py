@@ -4,8 +4,16 @@ Cache key: (model, version, variant, converter settings). Settings are the parit
 overrides, the calibration file's content hash and lineside's version, so changing the
 thresholds rebuilds, and an unchanged registry never converts twice. A cache entry is
 complete only once its ``result.json`` exists (written last, atomically), so a crash
-mid-conversion just rebuilds. Deterministic outcomes (written, skipped, parity failure)
-are cached; a registry that did not answer is not.
+mid-conversion just rebuilds.
+
+Only deterministic outcomes are cached: written, skipped, and failures that the same
+model and settings would repeat (parity gate, unsupported estimator or flavor, inputs that
+cannot be described, calibration data that does not fit, a converter failing on a supported
+model). Transient ones (the model cannot be found, downloaded or loaded, the tracking
+server or the disk failed, or anything unexpected) are not cached: they raise
+``BuildRetryError`` and the conversion is tried again on a later pass, after an
+exponential backoff per (model, version, variant) so a broken artifact store is not
+hammered every poll interval.
 
 Variant choice for a group: the device classes that will receive the group's manifest
 must all run it (one retained manifest per (group, model) on the wire), so the candidates
@@ -22,20 +30,66 @@ import hashlib
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from registry_sync.config import BuildSettings, DeviceClass
-from registry_sync.errors import BuildBlockedError, ParityBlockedError, RegistryUnavailableError
+from registry_sync.errors import BuildBlockedError, ParityBlockedError, SyncError
 from registry_sync.state import read_json, write_json_atomic
 
-__all__ = ["Builder", "Bundle", "candidate_variants"]
+__all__ = ["BuildRetryError", "Builder", "Bundle", "candidate_variants"]
 
 log = logging.getLogger(__name__)
 
 ConvertFn = Callable[..., Any]
+
+
+class BuildRetryError(SyncError):
+    """A conversion failed for a reason that may pass (model not downloadable or loadable,
+    registry or disk error, an unexpected exception); it is retried after ``retry_at``.
+
+    ``attempted`` is False when this pass did not try at all (still backing off), so the
+    failure is reported once per attempt, not once per pass.
+    """
+
+    def __init__(self, message: str, *, retry_at: float, attempted: bool) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+        self.attempted = attempted
+
+
+@dataclass
+class _Failure:
+    attempts: int
+    retry_at: float
+    reason: str
+
+
+def _deterministic(exc: Exception) -> bool:
+    """Would converting the same artifact with the same settings fail the same way?"""
+    from converter.errors import (
+        CalibrationDataError,
+        ConversionFailed,
+        InputSpecError,
+        ParityError,
+        UnsupportedModelError,
+        VariantNotApplicable,
+    )
+
+    return isinstance(
+        exc,
+        (
+            CalibrationDataError,
+            ConversionFailed,
+            InputSpecError,
+            ParityError,
+            UnsupportedModelError,
+            VariantNotApplicable,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -93,12 +147,22 @@ class Builder:
         tracking_uri: str,
         settings: BuildSettings,
         convert: ConvertFn | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        retry_initial_s: float = 5.0,
+        retry_max_s: float = 300.0,
     ) -> None:
         self.cache_dir = cache_dir
         self.tracking_uri = tracking_uri
         self.settings = settings
         self._convert = convert
         self.settings_key = self._settings_key()
+        self.clock = clock
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = max(retry_max_s, retry_initial_s)
+        # (model, version, variant) -> the last transient failure; in memory only: a
+        # restarted service simply tries again at once.
+        self._failures: dict[tuple[str, int, str], _Failure] = {}
 
     def _settings_key(self) -> str:
         from lineside import __version__
@@ -137,19 +201,50 @@ class Builder:
         return self.cache_dir / model / f"v{version}" / f"{variant}.{self.settings_key}"
 
     def result(self, model: str, version: int, variant: str) -> dict[str, Any]:
-        """The cached outcome of converting (model, version, variant), converting if needed."""
+        """The cached outcome of converting (model, version, variant), converting if needed.
+
+        Raises ``BuildRetryError`` for a transient failure (this pass's, or an earlier one
+        whose backoff has not run out yet)."""
         entry = self._entry(model, version, variant)
         cached = read_json(entry / "result.json", None)
         if cached is not None and (cached["status"] != "written" or (entry / variant).is_dir()):
             return dict(cached)
-        shutil.rmtree(entry, ignore_errors=True)
-        entry.mkdir(parents=True, exist_ok=True)
-        outcome = self._run_converter(model, version, variant, entry)
-        write_json_atomic(entry / "result.json", outcome)
+        key = (model, version, variant)
+        now = self.clock()
+        failure = self._failures.get(key)
+        if failure is not None and now < failure.retry_at:
+            raise BuildRetryError(
+                f"{model} v{version} {variant}: {failure.reason}; next attempt in "
+                f"{failure.retry_at - now:.1f}s",
+                retry_at=failure.retry_at,
+                attempted=False,
+            )
+        try:
+            shutil.rmtree(entry, ignore_errors=True)
+            entry.mkdir(parents=True, exist_ok=True)
+            outcome = self._run_converter(model, version, variant, entry)
+            write_json_atomic(entry / "result.json", outcome)
+        except Exception as exc:  # every non-deterministic failure is retried
+            attempts = failure.attempts + 1 if failure is not None else 1
+            delay = min(self.retry_max_s, self.retry_initial_s * 2.0 ** min(attempts - 1, 30))
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+            self._failures[key] = _Failure(attempts, now + delay, reason)
+            log.warning(
+                "converting %s v%s to %s failed (attempt %d, retrying in %.1fs): %s",
+                model, version, variant, attempts, delay, reason,
+                exc_info=not isinstance(exc, SyncError | OSError),
+            )
+            raise BuildRetryError(
+                f"{model} v{version} {variant}: {reason}; attempt {attempts} failed, "
+                f"next in {delay:.1f}s",
+                retry_at=now + delay,
+                attempted=True,
+            ) from exc
+        self._failures.pop(key, None)
         return outcome
 
     def _run_converter(self, model: str, version: int, variant: str, entry: Path) -> dict[str, Any]:
-        from converter.errors import ConverterError, TrackingServerError
+        from converter.errors import ConverterError
         from converter.parity import ParityThresholds
 
         convert = self._convert
@@ -169,9 +264,9 @@ class Builder:
                     thresholds=ParityThresholds(**self.settings.parity),
                     calibration_data=self.settings.calibration_data,
                 )
-        except TrackingServerError as exc:
-            raise RegistryUnavailableError(f"converter could not read {uri}: {exc}") from exc
         except ConverterError as exc:
+            if not _deterministic(exc):
+                raise  # the source could not be read: transient, never cached
             return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}", "parity": None}
         (vr,) = result.variants
         out: dict[str, Any] = {
@@ -186,3 +281,8 @@ class Builder:
             metadata = Model.load(str(vr.path)).metadata or {}
             out["metadata"] = metadata["lineside"]
         return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else ""

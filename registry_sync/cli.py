@@ -166,7 +166,9 @@ def sync_once(config_path: Path, settle: float, verbose: bool) -> None:
         click.echo(report.summary())
         for line in report.blocked:
             click.echo(f"blocked: {line}", err=True)
-        if report.blocked:
+        for line in report.failed:
+            click.echo(f"failed: {line}", err=True)
+        if report.blocked or report.failed:
             sys.exit(2)
 
 
@@ -256,18 +258,33 @@ def _ago(ts: Any, now: float | None = None) -> str:
     return f"{delta / 3600:.1f}h ago"
 
 
-def fleet_rows(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (device, model) from a FleetView JSON document."""
+def fleet_rows(
+    doc: dict[str, Any], *, now: float | None = None, offline_after_s: float = 0.0
+) -> list[dict[str, Any]]:
+    """One row per (device, model) from a FleetView JSON document.
+
+    With ``offline_after_s`` > 0, a device whose last message is older than that shows
+    offline even if its retained state says online (``stale``: e.g. a broker that lost
+    the device's will kept its last "online")."""
+    now = time.time() if now is None else now
     rows = []
     for name, rec in sorted(doc.get("devices", {}).items()):
         models = rec.get("models") or {"": {}}
+        reported = bool(rec.get("online"))
+        last_seen = rec.get("last_seen")
+        silent = (
+            offline_after_s > 0
+            and isinstance(last_seen, (int, float))
+            and now - last_seen > offline_after_s
+        )
         for model, info in sorted(models.items()):
             tel = (rec.get("telemetry") or {}).get(model, {})
             psi = tel.get("psi") or {}
             rows.append(
                 {
                     "device": name,
-                    "online": bool(rec.get("online")),
+                    "online": reported and not silent,
+                    "stale": reported and silent,
                     "model": model or None,
                     "version": info.get("version"),
                     "variant": info.get("variant"),
@@ -318,7 +335,11 @@ def _table(rows: list[dict[str, Any]]) -> Any:
     for r in rows:
         table.add_row(
             r["device"],
-            "[green]yes[/green]" if r["online"] else "[red]no[/red]",
+            "[green]yes[/green]"
+            if r["online"]
+            else "[red]no (silent)[/red]"
+            if r.get("stale")
+            else "[red]no[/red]",
             r["model"] or "-",
             str(r["version"] or "-"),
             r["variant"] or "-",
@@ -345,7 +366,10 @@ def _table(rows: list[dict[str, Any]]) -> Any:
 def fleet_status(config_path: Path, as_json: bool, wait_s: float) -> None:
     """A table of devices: online, model, version, variant, p99, throughput, drift."""
     with _errors():
-        rows = fleet_rows(_collect(_load(config_path), wait_s))
+        config = _load(config_path)
+        rows = fleet_rows(
+            _collect(config, wait_s), offline_after_s=config.fleet.offline_after_s
+        )
         if as_json:
             click.echo(json.dumps({"devices": rows}, indent=1, sort_keys=True))
             return
@@ -370,7 +394,9 @@ def fleet_watch(config_path: Path, interval: float) -> None:
         view = FleetView()
         link = _started_link(config, "watch")
         FleetMonitor(link, Topics(config.topic_root), view, time.time).start()
-        render: Callable[[], Any] = lambda: _table(fleet_rows(view.to_json()))  # noqa: E731
+        render: Callable[[], Any] = lambda: _table(  # noqa: E731
+            fleet_rows(view.to_json(), offline_after_s=config.fleet.offline_after_s)
+        )
         try:
             with Live(render(), refresh_per_second=4) as live:
                 while True:

@@ -5,6 +5,11 @@ logic and the CLI tables are tested without a broker. ``FleetMonitor`` subscribe
 ``MqttLink`` to ``devices/+/state``, ``+/telemetry`` and ``+/events`` and feeds the view.
 Payloads are docs/protocol.md section 8; unknown members are ignored, malformed
 messages are counted and dropped (a device must not be able to crash the service).
+
+Liveness: ``last_seen`` is when the device was last heard from. A live message counts
+at its receive time; a *retained* state only at its own ``ts`` (the broker may hand out a
+days-old "online" it kept because it lost the will), so ``with_offline_after`` can show a
+device offline whose last message is older than ``[fleet].offline_after_s``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.protocol.topics import TopicError, Topics
 
-__all__ = ["DeviceRecord", "FleetMonitor", "FleetView", "ModelTelemetry"]
+__all__ = ["DeviceRecord", "FleetMonitor", "FleetView", "ModelTelemetry", "with_offline_after"]
 
 log = logging.getLogger(__name__)
 MAX_EVENTS = 50  # per device, newest kept
@@ -31,7 +36,9 @@ class ModelTelemetry:
     rows: int = 0  # cumulative since the monitor started, for this version
     errors: int = 0
     p50_ms: float | None = None
+    p90_ms: float | None = None
     p99_ms: float | None = None
+    max_ms: float | None = None
     throughput: float | None = None  # rows per second over the last interval
     psi: dict[str, float] = field(default_factory=dict)
     ts: float = 0.0
@@ -39,6 +46,8 @@ class ModelTelemetry:
     errors_total: int = 0
     last_rows: int = 0  # rows and errors in the last telemetry interval
     last_errors: int = 0
+    error_kinds_total: dict[str, int] = field(default_factory=dict)  # the agent's, per kind
+    last_error_kinds: dict[str, int] = field(default_factory=dict)  # per kind, last interval
 
 
 @dataclass
@@ -88,23 +97,35 @@ class FleetView:
         with self._lock:
             return {n: DeviceRecord.from_json(r.to_json()) for n, r in self.devices.items()}
 
-    def apply(self, device: str, channel: str, payload: Mapping[str, Any], now: float) -> None:
+    def apply(
+        self,
+        device: str,
+        channel: str,
+        payload: Mapping[str, Any],
+        now: float,
+        *,
+        retained: bool = False,
+    ) -> None:
         with self._lock:
             rec = self.devices.setdefault(device, DeviceRecord(device))
             if channel != "state":
                 rec.last_seen = now
             if channel == "state":
-                self._state(rec, payload, now)
+                self._state(rec, payload, now, retained)
             elif channel == "telemetry":
                 self._telemetry(rec, payload, now)
             elif channel == "events":
                 self._event(rec, payload, now)
 
-    def _state(self, rec: DeviceRecord, p: Mapping[str, Any], now: float) -> None:
+    def _state(self, rec: DeviceRecord, p: Mapping[str, Any], now: float, retained: bool) -> None:
         rec.online = bool(p.get("online"))
         rec.state_ts = float(p.get("ts") or now)
-        # A retained offline state (the will) arrives "now" but says when it was last alive.
-        rec.last_seen = now if rec.online else max(rec.last_seen, rec.state_ts)
+        if rec.online and not retained:
+            rec.last_seen = now
+        else:
+            # A retained state (the will, or an "online" the broker kept) arrives "now" but
+            # only says the device was alive when it published it.
+            rec.last_seen = max(rec.last_seen, min(rec.state_ts, now))
         models = p.get("models")
         if isinstance(models, dict):
             rec.models = {str(m): dict(v) for m, v in models.items() if isinstance(v, dict)}
@@ -143,9 +164,20 @@ class FleetView:
             t.rows_total, t.errors_total = rows_total, errors_total
             t.rows += t.last_rows
             t.errors += t.last_errors
-            lat = m.get("latency_ms") or {}
+            kinds = _error_kinds(m.get("errors_total"))
+            t.last_error_kinds = {
+                k: v - t.error_kinds_total.get(k, 0)
+                if seen and v >= t.error_kinds_total.get(k, 0)
+                else v
+                for k, v in kinds.items()
+            }
+            t.error_kinds_total = kinds
+            raw_lat = m.get("latency_ms")
+            lat: Mapping[str, Any] = raw_lat if isinstance(raw_lat, dict) else {}
             t.p50_ms = _num(lat.get("p50"))
+            t.p90_ms = _num(lat.get("p90"))
             t.p99_ms = _num(lat.get("p99"))
+            t.max_ms = _num(lat.get("max"))
             rate = _num(m.get("rows_per_s"))
             t.throughput = rate if rate is not None else (
                 t.last_rows / interval if interval > 0 else None
@@ -177,6 +209,28 @@ def _error_total(value: Any) -> int:
     if isinstance(value, dict):
         return sum(_int(v) for v in value.values())
     return _int(value)
+
+
+def _error_kinds(value: Any) -> dict[str, int]:
+    """The agent's running error totals by kind (``{"missing_field": 2}``); {} otherwise."""
+    if not isinstance(value, dict):
+        return {}
+    return {str(k): _int(v) for k, v in value.items()}
+
+
+def with_offline_after(
+    devices: Mapping[str, DeviceRecord], now: float, offline_after_s: float
+) -> dict[str, DeviceRecord]:
+    """``devices`` with every device not heard from for ``offline_after_s`` marked offline,
+    whatever its retained state says (0 disables the rule). ``devices`` is not changed."""
+    out = dict(devices)
+    if offline_after_s <= 0:
+        return out
+    for name, rec in devices.items():
+        if rec.online and now - rec.last_seen > offline_after_s:
+            out[name] = silent = DeviceRecord.from_json(rec.to_json())
+            silent.online = False
+    return out
 
 
 def _psi(drift: Any) -> dict[str, float]:
@@ -228,7 +282,9 @@ class FleetMonitor:
             payload = json.loads(msg.payload)
             if not isinstance(payload, dict):
                 raise ValueError("not an object")
-            self.view.apply(parsed.device, parsed.kind, payload, self.clock())
+            self.view.apply(
+                parsed.device, parsed.kind, payload, self.clock(), retained=msg.retain
+            )
         except (ValueError, TypeError, AttributeError) as exc:
             self.view.malformed += 1
             log.debug("dropping malformed %s from %s: %s", parsed.kind, parsed.device, exc)

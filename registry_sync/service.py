@@ -8,18 +8,30 @@ One pass (``SyncService.reconcile``):
 3. per model: build the variants every plan group needs (a blocked build stops that
    model before anything is published), advance its staged rollout (``rollout.py``),
    and make each group's retained manifest say what it should — publishing chunks
-   first, then the signed manifest; an unchanged deployment is never re-signed;
+   first, then the signed manifest; an unchanged deployment is never re-signed. What a
+   group should carry: the rollout's version on the groups it reached; on a reverted
+   group and on the groups it has not reached, what they carried when the rollout began
+   (``Rollout.previous``); for an undeployed model, the undeploy form of what the group
+   last had. A manifest the broker lost (restarted without persistence) is republished
+   byte for byte from ``streams.json``, with its chunks;
 4. clear chunks that no retained manifest references any more;
-5. write history (tags, telemetry runs) and the fleet snapshot.
+5. write history (tags, telemetry runs, MLflow writes queued by device messages) and the
+   fleet snapshot.
 
 Sequence numbers: ``max(local state, retained manifest) + 1`` per (group, model), so they
-keep increasing across restarts and across the loss of the state dir. Errors from the
-registry, the broker, the converter or the disk end the pass with a ``SyncError``;
-``run`` logs it, reports it, backs off and tries again.
+keep increasing across restarts and across the loss of the state dir.
+
+Failures: the registry snapshot, the broker and the state dir are shared by every model,
+so their errors end the pass with a ``SyncError``; ``run`` logs it, reports it, backs off
+and tries again. Anything else is one model's problem: a blocked build (deterministic,
+reported once), a conversion that may succeed later (``BuildRetryError``: retried with
+backoff on later passes) or an unexpected exception is logged and published as a sync
+event, and the other models still converge in the same pass.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -35,7 +47,7 @@ from edge_agent.mqtt import Backoff, LinkOptions, MqttLink
 from edge_agent.protocol.ed25519 import PublicKey
 from edge_agent.protocol.topics import Topics
 from registry_sync import signing
-from registry_sync.builder import Builder, Bundle
+from registry_sync.builder import Builder, BuildRetryError, Bundle
 from registry_sync.config import DeviceClass, ModelSpec, SyncConfig
 from registry_sync.desired import Desired, desired_state
 from registry_sync.errors import (
@@ -43,11 +55,13 @@ from registry_sync.errors import (
     BuildBlockedError,
     ManifestSigningError,
     ParityBlockedError,
+    StateError,
     SyncError,
 )
-from registry_sync.fleet import FleetMonitor, FleetView
+from registry_sync.fleet import DeviceRecord, FleetMonitor, FleetView, with_offline_after
 from registry_sync.history import History, iso
 from registry_sync.manifests import (
+    VOLATILE,
     chunk_ids,
     content_key,
     deploy_content,
@@ -111,6 +125,7 @@ class PassReport:
     published: list[dict[str, Any]] = field(default_factory=list)
     cleared_chunks: int = 0
     blocked: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)  # models that failed this pass (retried)
     messages_sent: int = 0
 
     def summary(self) -> str:
@@ -120,6 +135,8 @@ class PassReport:
         ]
         if self.blocked:
             parts.append(f"{len(self.blocked)} blocked")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed (retried)")
         return ", ".join(parts)
 
 
@@ -146,8 +163,13 @@ class SyncService:
             config.tracking_uri,
             config.build,
             convert,
+            clock=clock,
+            retry_initial_s=min(config.poll_interval_s, config.retry_max_s),
+            retry_max_s=config.retry_max_s,
         )
-        self.history = History(self.registry, enabled=config.fleet.history)
+        self.history = History(
+            self.registry, enabled=config.fleet.history, state=self._path("live.json")
+        )
         self.view = FleetView()
         self.view.load(read_json(self._path("fleet.json"), {}))
         self.link: MqttLink | None = None
@@ -200,6 +222,7 @@ class SyncService:
             self.link.stop(timeout=3.0)
             self.link = None
         self._save_fleet()
+        self.history.save()
 
     def _save_fleet(self) -> None:
         write_json_atomic(
@@ -235,10 +258,17 @@ class SyncService:
             now=now,
         )
         for spec in self.config.models:
+            want = desired[spec.name]
             try:
-                ctx.model(spec, desired[spec.name])
+                ctx.model(spec, want)
             except BuildBlockedError as exc:
-                ctx.blocked(spec, desired[spec.name], exc)
+                ctx.blocked(spec, want, exc)
+            except BuildRetryError as exc:
+                ctx.failed(spec, want, exc)
+            except (BrokerUnavailableError, StateError):
+                raise  # shared by every model: the pass cannot go on
+            except Exception as exc:  # one model must not stop the others
+                ctx.failed(spec, want, exc)
         ctx.clear_stale_chunks()
         write_json_atomic(self._path("rollouts.json"), rollouts)
         self._write_history(now)
@@ -247,11 +277,23 @@ class SyncService:
         log.info("reconcile pass: %s", report.summary())
         return report
 
+    def devices(self, now: float | None = None) -> dict[str, DeviceRecord]:
+        """The fleet view with ``[fleet].offline_after_s`` applied (silent devices offline)."""
+        return with_offline_after(
+            self.view.snapshot(),
+            self.clock() if now is None else now,
+            self.config.fleet.offline_after_s,
+        )
+
     def _write_history(self, now: float) -> None:
+        try:
+            self.history.drain()
+        except SyncError as exc:
+            log.warning("queued MLflow writes not done: %s", exc)
         try:
             live: dict[tuple[str, int], list[str]] = {}
             names = {s.name for s in self.config.models}
-            for dev, rec in self.view.snapshot().items():
+            for dev, rec in self.devices(now).items():
                 if not rec.online:
                     continue
                 for model, info in rec.models.items():
@@ -262,12 +304,19 @@ class SyncService:
                             self.history.note_variant(model, version, dev, info["variant"])
             self.history.live_on(live)
             self.history.flush(now)
+            self.history.write_live()  # after flush: the runs it ends exist by now
         except SyncError as exc:  # history is best effort; deployments do not wait for it
             log.warning("deployment history not written: %s", exc)
 
-    # ---- device messages (network thread) ------------------------------------------
+    # ---- device messages (network thread: memory only, MLflow writes are queued) -----
 
     def _on_device_message(self, device: str, channel: str, payload: Mapping[str, Any]) -> None:
+        if channel == "state":
+            self._observe_state(device, payload)
+            return
+        if channel == "events":
+            self._observe_event(device, payload)
+            return
         if channel != "telemetry":
             return
         now = self.clock()
@@ -281,6 +330,32 @@ class SyncService:
                 self._check_drift(
                     device=device, model=model, version=t.version, feature=feature, psi=psi, now=now
                 )
+
+    def _observe_state(self, device: str, payload: Mapping[str, Any]) -> None:
+        """An online state says which version of each model the device runs (none when
+        absent); an offline one says nothing about that."""
+        if not payload.get("online"):
+            return
+        at = _reported_at(payload, self.clock())
+        raw = payload.get("models")
+        models: Mapping[str, Any] = raw if isinstance(raw, dict) else {}
+        for spec in self.config.models:
+            info = models.get(spec.name)
+            version = info.get("version") if isinstance(info, dict) else None
+            if isinstance(version, bool) or not isinstance(version, int):
+                version = None
+            self.history.observe_live(spec.name, device, version, at)
+
+    def _observe_event(self, device: str, payload: Mapping[str, Any]) -> None:
+        """A rollback names the version now serving (``to``; null: none)."""
+        model = payload.get("model")
+        if payload.get("code") != "rolled_back" or "to" not in payload:
+            return
+        if model not in {s.name for s in self.config.models}:
+            return
+        to = payload.get("to")
+        version = to if isinstance(to, int) and not isinstance(to, bool) else None
+        self.history.observe_live(str(model), device, version, _reported_at(payload, self.clock()))
 
     def _check_drift(
         self, *, device: str, model: str, version: int | None, feature: str, psi: float, now: float
@@ -304,18 +379,16 @@ class SyncService:
             "psi": psi,
             "message": message,
         }
+        if isinstance(version, int):
+            # Queued for the pass: an MLflow call here would block the MQTT network thread.
+            v: int = version
+            tag_key, value = f"lineside.drift.{device}", f"{feature} psi={psi:.3f} at {iso(now)}"
+            self.history.defer(
+                f"drift tag of {model} v{v}",
+                lambda: self.history.tag(model, v, tag_key, value),
+            )
         if self.publisher is not None:
             self.publisher.publish_event(event)
-        if isinstance(version, int):
-            try:
-                self.history.tag(
-                    model,
-                    version,
-                    f"lineside.drift.{device}",
-                    f"{feature} psi={psi:.3f} at {iso(now)}",
-                )
-            except SyncError as exc:
-                log.warning("drift tag not written: %s", exc)
         command = self.config.fleet.drift_command
         if command:
             threading.Thread(
@@ -424,7 +497,7 @@ class _Pass:
         groups = self.cfg.rollout.groups
         if want.version is None:
             for group in groups:
-                self._undeploy(spec, group)
+                self._withdraw(spec, group)
             if spec.name in self.rollouts:
                 self.rollouts[spec.name]["status"] = "undeployed"
                 self.rollouts[spec.name]["reason"] = want.note
@@ -439,18 +512,43 @@ class _Pass:
             for g in groups
         }
         rollout = self._rollout(spec, version)
-        for group in rollout.live_groups():
+        live = rollout.live_groups()
+        for group in live:
             self._deploy(spec, want, group, bundles[group])
-        if rollout.status == HALTED and rollout.reverted:
+        reverted = rollout.status == HALTED and rollout.reverted
+        if reverted:
             self._revert(spec, want, rollout)
+        for group in rollout.groups:
+            if group in live or (reverted and group == rollout.current_group):
+                continue
+            # Not reached (yet): the group keeps what it had when the rollout began, and
+            # gets it back if the broker lost it.
+            before = rollout.previous.get(group)
+            if before:
+                self._restore(spec.name, group, before)
         self.rollouts[spec.name] = rollout.to_json()
+
+    def _last_signed(self, group: str, model: str) -> Mapping[str, Any] | None:
+        """What (group, model) carries: the retained manifest if it is ours; if the broker
+        has none (it lost its retained state), the last one we published there."""
+        r = self.retained.get((group, model))
+        if r is not None:
+            return r.signed  # None when it is not ours: leave it alone
+        wire = self.streams["streams"].get(f"{group}/{model}", {}).get("wire")
+        if not wire:
+            return None
+        try:
+            signed = json.loads(wire)["signed"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        return signed if isinstance(signed, dict) else None
 
     def _deployed_versions(self, model: str) -> dict[str, int]:
         out = {}
         for group in self.cfg.rollout.groups:
-            r = self.retained.get((group, model))
-            if r is not None and r.signed is not None and not r.signed.get("undeployed"):
-                out[group] = int(r.signed["version"])
+            signed = self._last_signed(group, model)
+            if signed is not None and not signed.get("undeployed"):
+                out[group] = int(signed["version"])
         return out
 
     def _rollout(self, spec: ModelSpec, version: int) -> Rollout:
@@ -467,13 +565,9 @@ class _Pass:
             rollback = bool(deployed) and version < max(deployed.values())
             previous = {}
             for group in settings.groups:
-                r = self.retained.get((group, spec.name))
-                if r is not None and r.signed is not None:
-                    previous[group] = {
-                        k: v
-                        for k, v in r.signed.items()
-                        if k not in ("sequence", "issued_at", "expires_at")
-                    }
+                signed = self._last_signed(group, spec.name)
+                if signed is not None:
+                    previous[group] = _content(signed)
             rollout = start_rollout(
                 settings, spec.name, version, self.now, at_once=rollback, previous=previous
             )
@@ -497,7 +591,7 @@ class _Pass:
             gate = evaluate_gate(
                 settings,
                 rollout,
-                self.svc.view.snapshot(),
+                self.svc.devices(self.now),
                 self.now,
                 group_sequence=stream.get("sequence"),
             )
@@ -518,13 +612,29 @@ class _Pass:
         group = rollout.current_group
         before = rollout.previous.get(group)
         if before and not before.get("undeployed"):
-            data = self._bytes_for(before)
-            self._ensure(spec.name, group, before, data, version=int(before["version"]))
+            self._restore(spec.name, group, before)
             return
-        r = self.retained.get((group, spec.name))
-        if r is not None and r.signed is not None and not r.signed.get("undeployed"):
-            content = undeploy_content(r.signed, on_undeploy=spec.on_undeploy)
-            self._ensure(spec.name, group, content, None, version=int(r.signed["version"]))
+        self._withdraw(spec, group)
+
+    def _restore(self, model: str, group: str, content: Mapping[str, Any]) -> None:
+        """Make the group carry ``content`` (a deploy or undeploy manifest it had before),
+        with its chunks when it has to be published."""
+        data: Callable[[], bytes] | None = lambda: self._bytes_for(content)  # noqa: E731
+        if content.get("undeployed") and self.retained.get((group, model)) is not None:
+            data = None  # the retained manifest it replaces already names these chunks
+        self._ensure(model, group, content, data, version=int(content["version"]))
+
+    def _withdraw(self, spec: ModelSpec, group: str) -> None:
+        """The undeploy manifest for what the group last had (restored if the broker lost
+        it); nothing where nothing of ours was ever deployed."""
+        last = self._last_signed(group, spec.name)
+        if last is None:
+            return
+        if last.get("undeployed"):
+            content = _content(last)  # already withdrawn: keep it (republish if lost)
+        else:
+            content = undeploy_content(last, on_undeploy=spec.on_undeploy)
+        self._restore(spec.name, group, content)
 
     def _bytes_for(self, content: Mapping[str, Any]) -> bytes:
         result = self.svc.builder.result(
@@ -533,7 +643,7 @@ class _Pass:
         if result["status"] != "written":
             raise BuildBlockedError(
                 f"cannot rebuild {content['model']} v{content['version']} "
-                f"{content['variant']} to revert: {result['reason']}"
+                f"{content['variant']} to republish it: {result['reason']}"
             )
         bundle = self.svc.builder.bundle_for(
             str(content["model"]),
@@ -555,13 +665,6 @@ class _Pass:
         )
         self._ensure(spec.name, group, content, data, version=bundle.version)
 
-    def _undeploy(self, spec: ModelSpec, group: str) -> None:
-        r = self.retained.get((group, spec.name))
-        if r is None or r.signed is None or r.signed.get("undeployed"):
-            return  # nothing of ours is deployed there, or it is already withdrawn
-        content = undeploy_content(r.signed, on_undeploy=spec.on_undeploy)
-        self._ensure(spec.name, group, content, None, version=int(r.signed["version"]))
-
     # ---- one stream ----------------------------------------------------------------------
 
     def _ensure(
@@ -569,11 +672,14 @@ class _Pass:
         model: str,
         group: str,
         content: Mapping[str, Any],
-        data: bytes | None,
+        data: bytes | Callable[[], bytes] | None,
         *,
         version: int,
     ) -> None:
-        """Make the retained manifest of (group, model) carry ``content``; publish if needed."""
+        """Make the retained manifest of (group, model) carry ``content``; publish if needed.
+
+        ``data`` is the model file (or a function reading it, called only when publishing):
+        its chunks go out before the manifest. None: the chunks are known to be there."""
         key = content_key(content)
         sid = f"{group}/{model}"
         stream: dict[str, Any] = self.streams["streams"].setdefault(sid, {})
@@ -590,12 +696,14 @@ class _Pass:
                 stream.update(content_key=key, wire=r.wire.decode(), version=version)
                 self._save_streams()
             return  # the broker already says exactly this: nothing to sign or send
-        if (
+        changed = stream.get("content_key") != key
+        republish = (
             r is None
-            and stream.get("content_key") == key
-            and stream.get("wire")
+            and not changed
+            and bool(stream.get("wire"))
             and self._fresh(stream.get("expires_at"))
-        ):
+        )
+        if republish:
             # The broker lost its retained state: republish the very bytes we signed (the
             # devices that accepted them skip them silently), never a re-signed copy.
             wire = str(stream["wire"]).encode()
@@ -611,7 +719,8 @@ class _Pass:
             wire = self.svc.signer.sign(signed)
             stream["expires_at"] = signed["expires_at"]
         if data is not None:
-            chunks = model_chunks(data, self.cfg.build.chunk_size)
+            model_bytes = data() if callable(data) else data
+            chunks = model_chunks(model_bytes, self.cfg.build.chunk_size)
             # Into the ledger before sending, so a crash mid-publish still gets cleaned up.
             ledger = set(self.streams["chunks"])
             if not set(chunks) <= ledger:
@@ -644,20 +753,25 @@ class _Pass:
                 "version": version,
                 "sequence": sequence,
                 "undeployed": undeployed,
+                "republished": republish,
             }
         )
         what = "undeployed" if undeployed else "deployed"
         self._event(
             "deploy",
-            what,
+            "republished" if republish else what,
             model,
             version,
-            f"{model} v{version} {what} on {group} (sequence {sequence})",
+            f"{model} v{version} {what} on {group} (sequence {sequence}"
+            f"{', republished: the broker had lost it' if republish else ''})",
             group=group,
         )
         if undeployed:
-            self._history(lambda: self.svc.history.undeployed(model, version, group, self.now))
-        else:
+            if changed:  # a withdrawal, not a republish or re-sign of one
+                self._history(
+                    lambda: self.svc.history.undeployed(model, version, group, self.now)
+                )
+        else:  # keeps the first publish time: a republish, re-sign or revert does not move it
             self._history(lambda: self.svc.history.deployed(model, version, group, self.now))
 
     def _fresh(self, expires_at: Any) -> bool:
@@ -688,6 +802,33 @@ class _Pass:
         self.report.cleared_chunks += len(stale)
 
     # ---- reporting -----------------------------------------------------------------------
+
+    def failed(self, spec: ModelSpec, want: Desired, exc: Exception) -> None:
+        """A model that could not converge this pass; the next passes try again."""
+        version = want.version or 0
+        retry = isinstance(exc, BuildRetryError)
+        message = str(exc) if retry else f"{type(exc).__name__}: {exc}"
+        self.report.failed.append(f"{spec.name}: {message}")
+        if isinstance(exc, BuildRetryError):
+            if not exc.attempted:  # still backing off: reported when it was attempted
+                log.info(
+                    "%s v%s waits for its next conversion attempt: %s",
+                    spec.name,
+                    version,
+                    exc,
+                )
+                return
+            log.error("building %s v%s failed, will retry: %s", spec.name, version, exc)
+            code = "build_retry"
+        else:
+            log.error(
+                "unexpected error handling %s v%s (the other models go on)",
+                spec.name,
+                version,
+                exc_info=exc,
+            )
+            code = "model_failed"
+        self._event("sync", code, spec.name, want.version, f"{spec.name}: {message}")
 
     def blocked(self, spec: ModelSpec, want: Desired, exc: BuildBlockedError) -> None:
         self.report.blocked.append(str(exc))
@@ -728,8 +869,20 @@ class _Pass:
             log.warning("deployment history not written: %s", exc)
 
 
+def _reported_at(payload: Mapping[str, Any], now: float) -> float:
+    """The device's own time of a message (``ts``), never later than its receipt."""
+    ts = payload.get("ts")
+    if isinstance(ts, (int, float)) and not isinstance(ts, bool) and ts > 0:
+        return min(float(ts), now)
+    return now
+
+
+def _content(signed: Mapping[str, Any]) -> dict[str, Any]:
+    """A manifest's content: everything but sequence, issued_at and expires_at."""
+    return {k: v for k, v in signed.items() if k not in VOLATILE}
+
+
 def _loose_chunk_ids(wire: bytes) -> set[str]:
-    import json
     import re
 
     try:

@@ -4,9 +4,14 @@
                   and its content key; the ledger of chunk ids we published.
 ``rollouts.json`` per model: where the staged rollout stands (read by ``rollout status``).
 ``fleet.json``    the fleet monitor's last snapshot (read by ``fleet status``).
+``live.json``     which version each device runs since when, the live intervals per
+                  (model, version, device) and the MLflow writes still owed for them
+                  (``history.LiveLedger``).
 
 Losing these files is survivable: sequences are re-derived from the retained manifests
 on the broker (``max(local, retained) + 1``), and rollouts restart from the first group.
+Without ``streams.json`` a manifest the broker lost as well cannot be republished byte
+for byte; the next promotion publishes afresh.
 """
 
 from __future__ import annotations

@@ -93,3 +93,49 @@ def test_fleet_watch_shows_a_live_table_until_interrupted(
     assert "press-9" in out, out[-2000:]
     assert model_name[:12] in out
     assert proc.returncode in (0, 130), out[-2000:]
+
+
+def test_fleet_status_shows_a_silent_device_offline_after_offline_after_s(
+    tmp_path: Path, broker: MosquittoBroker, registry: Registry, model_name: str
+) -> None:
+    """A broker that lost a gateway's will keeps its last retained "online": with
+    ``[fleet].offline_after_s`` the CLI shows it offline once it has been silent that long."""
+    from click.testing import CliRunner
+
+    from lineside.cli import cli
+
+    now = time.time()
+    link = MqttLink(LinkOptions(url=broker.url, client_id="silent-states"))
+    link.start(wait=10)
+    try:
+        for device, ts in (("press-gone", now - 3600), ("press-here", now - 5)):
+            state = {"device": device, "online": True, "ts": ts, "models": {}}
+            topic = f"{ROOT}/devices/{device}/state"
+            assert link.publish(topic, json.dumps(state).encode(), qos=1, retain=True).wait(5)
+    finally:
+        link.stop()
+
+    def rows(where: str, fleet: str) -> dict[str, dict[str, object]]:
+        path, _keys = write_world(
+            tmp_path / where,
+            broker_url=broker.url,
+            tracking_uri=registry.tracking_uri,
+            model=model_name,
+            fleet=fleet,
+        )
+        args = ["fleet", "status", "--config", str(path), "--json", "--wait", "0.5"]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        return {r["device"]: r for r in json.loads(result.output)["devices"]}
+
+    trusting = rows("trusting", "")  # default 0: the retained state is all there is to go by
+    assert trusting["press-gone"]["online"] is True and trusting["press-here"]["online"] is True
+    strict = rows("strict", "offline_after_s = 60")
+    assert strict["press-gone"]["online"] is False and strict["press-gone"]["stale"] is True
+    assert strict["press-here"]["online"] is True and strict["press-here"]["stale"] is False
+    table = CliRunner().invoke(
+        cli,
+        ["fleet", "status", "--config", str(tmp_path / "strict" / "sync.toml"), "--wait", "0.3"],
+        env={"COLUMNS": "200"},
+    )
+    assert "no (silent)" in table.output, table.output

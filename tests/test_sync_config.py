@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -33,7 +34,7 @@ def test_example_config_loads() -> None:
     assert config.fleet.drift_command[0].endswith("lineside-drift-alert")
 
 
-def _world(tmp_path: Path, **kw: str) -> Path:
+def _world(tmp_path: Path, **kw: Any) -> Path:
     path, _ = write_world(
         tmp_path, broker_url="mqtt://127.0.0.1:1883", tracking_uri="sqlite:///x.db", model="m", **kw
     )

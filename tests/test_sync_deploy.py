@@ -1,17 +1,20 @@
 """registry_sync end to end against a real MLflow sqlite store and a real Mosquitto:
-promote, idempotency, rollback, stale chunks, broker restart, loss of local state."""
+promote, idempotency, rollback, stale chunks, broker restart (a single group, a staged
+rollout's groups, an undeploy), loss of local state."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from edge_agent.mqtt import LinkOptions, MqttLink
 from registry_sync.config import load_sync_config
 from registry_sync.service import SyncService
 from tests.support.broker import MosquittoBroker
@@ -26,6 +29,7 @@ from tests.support.device_sim import (
 from tests.support.registry import Registry
 
 ROOT = "lineside/v1"
+PLAN = 'groups = ["canary", "line-1"]\nmin_devices = 1\nhealthy_for_s = 0\nmax_error_rate = 0.05'
 
 
 @pytest.fixture(scope="module")
@@ -148,6 +152,130 @@ def test_broker_restart_without_persistence_republishes_the_same_bytes(
         assert dev.wait_for(lambda d: d.version(versions) == 1), dev.rejected
     finally:
         dev.stop()
+
+
+def chunk_topics(broker: MosquittoBroker) -> set[str]:
+    return {t.rsplit("/", 1)[1] for t in read_retained(broker.url, f"{ROOT}/chunks/#")}
+
+
+def named_chunks(wires: dict[str, bytes]) -> set[str]:
+    return {
+        c for w in wires.values() for f in json.loads(w)["signed"]["files"] for c in f["chunks"]
+    }
+
+
+def fake_device_active(
+    service: SyncService, link: MqttLink, device: str, model: str, group: str, version: int
+) -> None:
+    """What an agent reports after activating ``version`` from ``group`` and passing its
+    health window (docs/protocol.md sections 8.1 and 8.2)."""
+    context = {"device": device, "model": model, "version": version, "sequence": 0}
+    events = f"{ROOT}/devices/{device}/events"
+    activated = {"ts": time.time(), "kind": "update", "code": "activated", "group": group}
+    link.publish(events, json.dumps({**activated, **context}), 1).wait(5)
+    state = {
+        "ts": time.time(),
+        "device": device,
+        "online": True,
+        "models": {model: {"version": version, "sequence": 0, "serving": True}},
+    }
+    link.publish(f"{ROOT}/devices/{device}/state", json.dumps(state), 1, True).wait(5)
+    healthy = {"ts": time.time(), "kind": "health", "code": "healthy"}
+    link.publish(events, json.dumps({**healthy, **context}), 1).wait(5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        rec = service.view.snapshot().get(device)
+        if (
+            rec
+            and rec.models.get(model, {}).get("version") == version
+            and any(e.get("code") == "healthy" for e in rec.events)
+        ):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"the service never saw {device} run v{version}")
+
+
+def test_broker_restart_restores_every_group_of_a_staged_rollout(
+    tmp_path: Path, broker: MosquittoBroker, registry: Registry, versions: str, cache_dir: Path
+) -> None:
+    """v1 reached both groups; v2 is staged on the canary only. A broker that lost its
+    retained state gets back both: the canary's v2 and line-1's v1, same bytes, with
+    every chunk they name."""
+    path, _keys = write_world(
+        tmp_path / "staged",
+        broker_url=broker.url,
+        tracking_uri=registry.tracking_uri,
+        model=versions,
+        groups=("canary", "line-1"),
+        rollout=PLAN,
+        cache_dir=cache_dir,
+    )
+    service = SyncService(load_sync_config(path))
+    service.connect()
+    fake = MqttLink(LinkOptions(url=broker.url, client_id="fake-agents"))
+    fake.start(wait=10.0)
+    try:
+        registry.set_alias(versions, "production", 1)
+        service.reconcile()
+        fake_device_active(service, fake, "canary-1", versions, "canary", 1)
+        service.reconcile()  # the gate holds on the canary: line-1 gets v1
+        fake_device_active(service, fake, "line-1-a", versions, "line-1", 1)
+        service.reconcile()  # complete
+        registry.set_alias(versions, "production", 2)
+        service.reconcile()  # v2 on the canary only; line-1 keeps v1
+        before = read_retained(broker.url, f"{ROOT}/manifests/#")
+        assert {t: json.loads(w)["signed"]["version"] for t, w in before.items()} == {
+            f"{ROOT}/manifests/canary/{versions}": 2,
+            f"{ROOT}/manifests/line-1/{versions}": 1,
+        }
+        assert named_chunks(before) <= chunk_topics(broker)
+        assert service.reconcile().published == []  # steady state: nothing re-sent
+
+        broker.restart(persistence=False)
+        assert read_retained(broker.url, f"{ROOT}/#") == {}
+        assert service.link is not None and service.link.wait_connected(15.0)
+        report = service.reconcile()
+        assert sorted((p["group"], p["version"], p["republished"]) for p in report.published) == [
+            ("canary", 2, True),
+            ("line-1", 1, True),
+        ]
+        assert read_retained(broker.url, f"{ROOT}/manifests/#") == before  # not re-signed
+        assert named_chunks(before) <= chunk_topics(broker)
+        assert service.reconcile().published == []
+    finally:
+        fake.stop()
+        service.close()
+
+
+def test_broker_restart_restores_an_undeploy_manifest(
+    world: Any, broker: MosquittoBroker, registry: Registry, versions: str, tmp_path: Path
+) -> None:
+    service, keys, _ = world
+    registry.set_alias(versions, "production", 1)
+    service.reconcile()
+    registry.client().delete_registered_model_alias(versions, "production")
+    try:
+        (withdrawn,) = service.reconcile().published
+        assert withdrawn["undeployed"] is True
+        before = read_retained(broker.url, f"{ROOT}/manifests/#")
+        (signed,) = [json.loads(w)["signed"] for w in before.values()]
+        assert signed["undeployed"] is True
+
+        broker.restart(persistence=False)
+        assert read_retained(broker.url, f"{ROOT}/#") == {}
+        assert service.link is not None and service.link.wait_connected(15.0)
+        (again,) = service.reconcile().published
+        assert again["undeployed"] is True and again["republished"] is True
+        assert read_retained(broker.url, f"{ROOT}/manifests/#") == before
+        assert named_chunks(before) <= chunk_topics(broker)
+
+        dev = device(broker, keys, tmp_path, "pi-late")  # missed the deploy and the restart
+        try:
+            assert dev.wait_for(lambda d: d.undeployed.get(versions) is True), dev.rejected
+        finally:
+            dev.stop()
+    finally:
+        registry.set_alias(versions, "production", 1)
 
 
 def test_sequence_survives_loss_of_local_state(
