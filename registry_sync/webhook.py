@@ -4,7 +4,9 @@ MLflow signs each delivery: header ``X-MLflow-Signature: v1,<base64 HMAC-SHA256>
 ``f"{delivery_id}.{timestamp}.{body}"`` with the webhook's secret, plus
 ``X-MLflow-Delivery-Id`` and ``X-MLflow-Timestamp`` (unix seconds). A delivery whose
 signature does not verify, or whose timestamp is further than ``max_skew_s`` from our
-clock (a replay), is refused with 401. A valid one only wakes the reconcile loop: the
+clock (a replay), is refused with 401; a missing or malformed ``Content-Length`` gets
+400 and a body above ``MAX_BODY`` 413, both before any verification. A valid delivery
+(200, sent only after the hint is registered) only wakes the reconcile loop: the
 payload is not trusted for *what* to deploy (the pass reads the registry itself), and
 webhooks are best effort (no stage-transition event, no persistent queue), so the poll
 still guarantees convergence.
@@ -16,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +28,7 @@ __all__ = ["WebhookServer", "sign_delivery", "verify_delivery"]
 
 log = logging.getLogger(__name__)
 MAX_BODY = 1024 * 1024  # bytes
+_DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII only: str.isdigit() accepts "²", int() does not
 
 
 def sign_delivery(secret: str, delivery_id: str, timestamp: str, body: bytes) -> str:
@@ -43,7 +47,7 @@ def verify_delivery(
     now: float,
     max_skew_s: float,
 ) -> bool:
-    if not signature or not delivery_id or not timestamp or not timestamp.isdigit():
+    if not signature or not delivery_id or not timestamp or not _DIGITS.fullmatch(timestamp):
         return False
     if abs(now - int(timestamp)) > max_skew_s:
         return False
@@ -66,13 +70,23 @@ class WebhookServer:
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10.0  # per socket read: a client that stalls mid-body frees its thread
+
             def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_BODY:
-                    self.send_response(413)
-                    self.end_headers()
+                raw_length = self.headers.get("Content-Length")
+                if raw_length is None or not _DIGITS.fullmatch(raw_length):
+                    # read(-1) would block until the client closes: never guess a length
+                    self._refuse(400)
                     return
-                body = self.rfile.read(length)
+                length = int(raw_length)
+                if length > MAX_BODY:
+                    self._refuse(413)
+                    return
+                try:
+                    body = self.rfile.read(length)
+                except TimeoutError:
+                    self.close_connection = True
+                    return
                 ok = verify_delivery(
                     secret,
                     signature=self.headers.get("X-MLflow-Signature"),
@@ -82,11 +96,20 @@ class WebhookServer:
                     now=time.time(),
                     max_skew_s=max_skew_s,
                 )
-                self.send_response(200 if ok else 401)
-                self.end_headers()
                 if ok:
+                    # Before the response: a 200 means the reconcile loop has been woken.
                     outer.hints += 1
                     on_hint()
+                self.send_response(200 if ok else 401)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def _refuse(self, code: int) -> None:
+                self.send_response(code)
+                self.send_header("Content-Length", "0")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
 
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("webhook: " + format, *args)
