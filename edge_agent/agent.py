@@ -321,6 +321,9 @@ class Agent:
         if online:
             body["models"] = self.updater.snapshot
             body["update"] = self.updater.status()
+            # Public key ids (digests of public keys): lets an operator see that a key
+            # rotation has reached every device before switching keys (operations.md §9).
+            body["trusted_keys"] = sorted(self.config.trusted_keys)
         return _json(body)
 
     def _telemetry_loop(self) -> None:

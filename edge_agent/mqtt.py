@@ -495,6 +495,8 @@ class MqttLink:
             self._stop.wait(min(remaining, self.options.loop_timeout))
             return
         self.stats["connect_attempts"] += 1
+        if isinstance(self._client, _Client):
+            self._client.tls_alert = None
         try:
             self._client.reconnect()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
@@ -570,6 +572,11 @@ class MqttLink:
         # jitter even the first retry: after a broker restart every gateway of the plant
         # loses its connection at the same instant.
         self._schedule_retry()
+        alert = getattr(self._client, "tls_alert", None)
+        if alert is not None and not was_connected:
+            self._last_refusal = f"TLS alert from the broker: {alert}"
+            self._client.tls_alert = None  # type: ignore[attr-defined]
+            self._refused.set()
         if was_connected:
             self.stats["disconnects"] += 1
             level = logging.WARNING if self._want_connected else logging.INFO
@@ -628,10 +635,19 @@ class _Client(paho.Client):
         # fills this buffer and paho's small reads are served from it.
         self._rbuf = b""
         self._rpos = 0
+        # The TLS alert that ended the last connection (a broker refusing a missing or
+        # untrusted client certificate alerts after the handshake, on the first read;
+        # paho only logs it), so that a failed first connection can say why.
+        self.tls_alert: ssl.SSLError | None = None
 
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._rpos >= len(self._rbuf):
-            data = super()._sock_recv(max(bufsize, _READ_AHEAD))
+            try:
+                data = super()._sock_recv(max(bufsize, _READ_AHEAD))
+            except ssl.SSLError as exc:
+                if not isinstance(exc, ssl.SSLWantReadError | ssl.SSLWantWriteError):
+                    self.tls_alert = exc
+                raise
             if len(data) <= bufsize:
                 return data
             self._rbuf, self._rpos = data, 0

@@ -56,6 +56,7 @@ def test_deploy_predict_and_hot_swap(world: World) -> None:
     assert p2["version"] == 2 and p2["seq"] > p["seq"]
     state = [s for s in world.col.on("/state") if s.get("online")][-1]
     assert state["models"]["pump"]["version"] == 2 and state["models"]["pump"]["sequence"] == 2
+    assert state["trusted_keys"] == sorted(agent.config.trusted_keys)
     assert agent.store.accepted_sequence("line-1", "pump") == 2
 
 

@@ -108,6 +108,22 @@ def test_refused_credentials_raise_broker_error(broker: MosquittoBroker, links) 
     assert good.publish("t/x", b"x").wait(5)
 
 
+def test_missing_client_certificate_is_named_in_the_connect_error(tmp_path: Path, links) -> None:  # type: ignore[no-untyped-def]
+    # With TLS 1.3 the broker's "certificate required" alert arrives after the handshake,
+    # on the first read; paho only logs it. The error must still say what went wrong.
+    from tests.support.broker import running_broker
+
+    with running_broker(tmp_path / "mtls", tls=True, require_certificate=True) as b:
+        assert b.tls_files is not None
+        link = links(b.url, "dev-no-cert", ca=b.tls_files.ca_cert)
+        with pytest.raises(BrokerError, match=r"(?i)TLS alert from the broker: .*certificate"):
+            link.start(wait=5)
+        cert, key = b.tls_files.client_pair("dev-cert")
+        good = links(b.url, "dev-cert", ca=b.tls_files.ca_cert, cert=cert, key=key)
+        good.start(wait=10)
+        assert good.publish("t/x", b"x").wait(5)
+
+
 def test_reconnects_after_broker_restart(broker: MosquittoBroker, links) -> None:  # type: ignore[no-untyped-def]
     link = links(broker.url, "dev-reconnect", backoff_initial=0.1, backoff_max=1.0)
     got = collector(link, "t/back")
