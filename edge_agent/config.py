@@ -6,7 +6,8 @@ fall back to a default). Relative paths resolve against the config file's direct
 
 Secrets never live in the file: the broker password comes from ``password_file`` or the
 environment variable named by ``password_env`` (systemd ``EnvironmentFile=``); a literal
-``password`` key is rejected.
+``password`` key is rejected, and so is a ``password_file`` that group or others may read
+or write (``secret_file_problem``, shared with ``registry_sync.config``).
 
 See ``device_configs/*.toml`` for complete examples.
 """
@@ -18,6 +19,7 @@ import binascii
 import contextlib
 import os
 import re
+import stat
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ __all__ = [
     "ModelConfig",
     "TlsConfig",
     "load_config",
+    "secret_file_problem",
 ]
 
 # Variant names the converter produces: "<format>-<precision>".
@@ -54,6 +57,9 @@ _TOPIC_FORBIDDEN = ("#", "+", "\x00")
 _HEX_KEY = re.compile(r"^[0-9a-fA-F]{64}$")
 # DER SubjectPublicKeyInfo header of an Ed25519 key (RFC 8410): 12 bytes, then the key.
 _ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+# Group/other read or write bits: a secret file with any of them set is refused (as
+# registry_sync.signing refuses a loose private key); execute bits alone leak nothing.
+_SECRET_LOOSE_BITS = stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,9 @@ def _broker(table: _Table, device_id: str, environ: Mapping[str, str]) -> Broker
     if not table.provisioned:
         pass  # secrets stay on the device
     elif password_file is not None:
+        problem = secret_file_problem(password_file)
+        if problem:
+            raise table.error("password_file", problem)
         password = password_file.read_text(encoding="utf-8").strip()
         if not password:
             raise table.error("password_file", f"{password_file} is empty")
@@ -261,6 +270,16 @@ def _broker(table: _Table, device_id: str, environ: Mapping[str, str]) -> Broker
     )
     table.done()
     return broker
+
+
+def secret_file_problem(path: Path) -> str | None:
+    """Why the secret file ``path`` must not be used, or None: one actionable line (with the
+    ``chmod`` that fixes it) when group or others may read or write it. Checked before the
+    secret is read: a password other local users can read is already leaked."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & _SECRET_LOOSE_BITS:
+        return f"{path} has mode {mode:04o}; chmod 600 {path}"
+    return None
 
 
 def _trusted_keys(table: _Table) -> Mapping[str, bytes]:

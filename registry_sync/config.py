@@ -3,7 +3,9 @@
 Every problem is a ``SyncConfigError("[table].key: problem")``; unknown keys are errors
 (a typo must not silently fall back to a default). Relative paths resolve against the
 directory of the file that names them. The broker password comes from ``password_file``
-or the environment variable named by ``password_env``; a literal ``password`` is refused.
+or the environment variable named by ``password_env``; a literal ``password`` is refused,
+and so is a secret file (``password_file``, ``[webhook].secret_file``) that group or others
+may read or write.
 
 Device class configs (``device_configs/*.toml``) are read for three keys only:
 ``[device].class``, ``[device].groups`` and ``[runtime].variants`` (plus
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import tomllib
 
+from edge_agent.config import secret_file_problem
 from edge_agent.tomlcheck import Table
 from registry_sync.errors import SyncConfigError
 
@@ -93,8 +96,10 @@ class RolloutSettings:
     groups: tuple[str, ...]  # in order; the first is the canary
     min_devices: int = 1
     healthy_for_s: float = 300.0
-    max_error_rate: float = 0.01  # errors / rows over the stage
-    stage_timeout_s: float = 0.0  # 0: wait for the gate forever
+    max_error_rate: float = 0.01  # failed / attempted rows (errors / (rows + errors))
+    # The gate fails if it has not held this long after the stage started; 0: wait forever
+    # (explicit only: sync.toml without the key gets max(7200, 2 * healthy_for_s)).
+    stage_timeout_s: float = 0.0
     revert_on_failure: bool = True
     staged: bool = True  # False: every group at once (no gate)
 
@@ -234,6 +239,9 @@ def _secret(table: _Table, environ: Mapping[str, str], what: str) -> str | None:
     if from_file is not None and env_name is not None:
         raise table.error(f"{what}_env", f"set {what}_file or {what}_env, not both")
     if from_file is not None:
+        problem = secret_file_problem(from_file)
+        if problem:
+            raise table.error(f"{what}_file", problem)
         value = from_file.read_text(encoding="utf-8").strip()
         if not value:
             raise table.error(f"{what}_file", f"{from_file} is empty")
@@ -389,12 +397,27 @@ def _rollout(table: _Table, classes: tuple[DeviceClass, ...]) -> RolloutSettings
             raise table.error("groups", f"{group!r} does not match {_NAME.pattern}")
     if len(set(groups)) != len(groups):
         raise table.error("groups", f"has duplicates: {list(groups)!r}")
+    healthy_for = float(table.number("healthy_for_s", 300.0, low=0, high=30 * 86400))
+    # Absent: a bound, so a canary group that never turns healthy fails the rollout
+    # visibly instead of holding it silently; 0 stays the explicit "wait forever". The cap is
+    # twice healthy_for_s's, so a valid timeout exists for every health window.
+    timeout = float(
+        table.number(
+            "stage_timeout_s", max(7200.0, 2 * healthy_for), low=0, high=60 * 86400
+        )
+    )
+    if 0 < timeout <= healthy_for:
+        raise table.error(
+            "stage_timeout_s",
+            f"{timeout:g}s is not above healthy_for_s ({healthy_for:g}s): the gate could "
+            "never hold in time; raise it, or set 0 to wait forever",
+        )
     settings = RolloutSettings(
         groups=tuple(groups),
         min_devices=table.number("min_devices", 1, low=0, high=1_000_000, integer=True),
-        healthy_for_s=float(table.number("healthy_for_s", 300.0, low=0, high=30 * 86400)),
+        healthy_for_s=healthy_for,
         max_error_rate=float(table.number("max_error_rate", 0.01, low=0, high=1)),
-        stage_timeout_s=float(table.number("stage_timeout_s", 0.0, low=0, high=30 * 86400)),
+        stage_timeout_s=timeout,
         revert_on_failure=table.boolean("revert_on_failure", True),
         staged=table.boolean("staged", "groups" in table.data),
     )

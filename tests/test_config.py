@@ -111,10 +111,44 @@ def test_minimal_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert config.health.max_error_rate == 0.05
 
 
-def test_password_file_is_read(tmp_path: Path) -> None:
-    (tmp_path / "pw").write_text("from-file\n")
-    text = BASE.replace('password_env = "LINESIDE_BROKER_PASSWORD"', 'password_file = "pw"')
-    assert load_config(write(tmp_path, text), environ={}).broker.password == "from-file"
+PASSWORD_FILE = BASE.replace('password_env = "LINESIDE_BROKER_PASSWORD"', 'password_file = "pw"')
+
+
+def password_file(tmp_path: Path, mode: int) -> Path:
+    secret = tmp_path / "pw"
+    secret.write_text("from-file\n")
+    secret.chmod(mode)
+    return secret
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400], ids=oct)
+def test_password_file_is_read(tmp_path: Path, mode: int) -> None:
+    password_file(tmp_path, mode)
+    assert load_config(write(tmp_path, PASSWORD_FILE), environ={}).broker.password == "from-file"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620, 0o602], ids=oct)
+def test_password_file_readable_or_writable_by_others_is_refused(
+    tmp_path: Path, mode: int
+) -> None:
+    secret = password_file(tmp_path, mode)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, PASSWORD_FILE), environ={})
+    assert str(info.value) == (
+        f"[broker].password_file: {secret} has mode {mode:04o}; chmod 600 {secret}"
+    )
+    secret.chmod(0o600)  # the fix the message names
+    assert load_config(tmp_path / "agent.toml", environ={}).broker.password == "from-file"
+
+
+def test_loose_password_file_does_not_affect_the_env_variant_or_server_tools(
+    tmp_path: Path,
+) -> None:
+    password_file(tmp_path, 0o644)  # present but not named: password_env is used
+    assert load_config(write(tmp_path, BASE), environ=ENV).broker.password == "s3cret"
+    # Unprovisioned (a server tool reading a device's config): secrets are not opened.
+    config = load_config(write(tmp_path, PASSWORD_FILE), environ={}, provisioned=False)
+    assert config.broker.password is None
 
 
 def test_literal_password_is_refused(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from lineside.cli import cli
-from registry_sync.config import DEFAULT_TRACKING_URI, ModelSpec, load_sync_config
+from registry_sync.config import DEFAULT_TRACKING_URI, ModelSpec, SyncConfig, load_sync_config
 from registry_sync.desired import ModelSnapshot, VersionInfo, desired_state
 from registry_sync.errors import SyncConfigError
 from registry_sync.signing import load_private_key
@@ -128,6 +128,117 @@ def test_config_error_on_the_cli_is_one_line(tmp_path: Path) -> None:
     assert "[broker].password" in result.output
     debug = CliRunner().invoke(cli, ["sync", "once", "--debug", "--config", str(path)])
     assert debug.exit_code != 0 and isinstance(debug.exception, SyncConfigError)
+
+
+def test_example_config_bounds_the_stage_and_documents_offline_after() -> None:
+    config = load_sync_config(EXAMPLE, environ={"LINESIDE_SYNC_BROKER_PASSWORD": "pw"})
+    assert config.rollout.stage_timeout_s == 7200 > config.rollout.healthy_for_s
+    text = EXAMPLE.read_text()
+    fleet = text.split("[fleet]\n", 1)[1].split("\n[", 1)[0]
+    assert "# offline_after_s = 60" in fleet
+    assert "errors / (rows + errors)" in text
+
+
+# The two secret files sync.toml may name: the broker password and the webhook secret.
+SECRET_KEYS = {"broker": "[broker].password_file", "webhook": "[webhook].secret_file"}
+
+
+def _with_secret(tmp_path: Path, which: str, mode: int) -> tuple[Path, Path]:
+    path = _world(tmp_path)
+    text = path.read_text()
+    if which == "broker":
+        text = text.replace(
+            "publish_timeout_s = 10",
+            'username = "sync"\npassword_file = "secret"\npublish_timeout_s = 10',
+        )
+    else:
+        text += '\n[webhook]\nlisten = "127.0.0.1:8787"\nsecret_file = "secret"\n'
+    path.write_text(text)
+    secret = path.resolve().parent / "secret"
+    secret.write_text("s3cret\n")
+    secret.chmod(mode)
+    return path, secret
+
+
+def _secret_of(config: SyncConfig, which: str) -> str | None:
+    if which == "broker":
+        return config.broker.password
+    assert config.webhook is not None
+    return config.webhook.secret
+
+
+@pytest.mark.parametrize("which", SECRET_KEYS)
+@pytest.mark.parametrize("mode", [0o600, 0o400], ids=oct)
+def test_secret_files_owner_only_are_read(tmp_path: Path, which: str, mode: int) -> None:
+    path, _ = _with_secret(tmp_path, which, mode)
+    config = load_sync_config(path, environ={})
+    assert _secret_of(config, which) == "s3cret"
+
+
+@pytest.mark.parametrize("which", SECRET_KEYS)
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660, 0o622], ids=oct)
+def test_secret_files_readable_or_writable_by_others_are_refused(
+    tmp_path: Path, which: str, mode: int
+) -> None:
+    path, secret = _with_secret(tmp_path, which, mode)
+    key = SECRET_KEYS[which]
+    with pytest.raises(SyncConfigError) as err:
+        load_sync_config(path, environ={})
+    assert str(err.value) == f"{key}: {secret} has mode {mode:04o}; chmod 600 {secret}"
+    # On the CLI: that one line, nothing published.
+    result = CliRunner().invoke(cli, ["sync", "once", "--config", str(path)])
+    assert result.exit_code == 1 and result.output.strip().count("\n") == 0
+    assert f"chmod 600 {secret}" in result.output
+    secret.chmod(0o600)  # the fix the message names
+    assert _secret_of(load_sync_config(path, environ={}), which) == "s3cret"
+
+
+@pytest.mark.parametrize("which", SECRET_KEYS)
+def test_secret_env_variants_are_unaffected_by_a_loose_file(tmp_path: Path, which: str) -> None:
+    path, _ = _with_secret(tmp_path, which, 0o644)  # left next to the config, not named
+    key = "password" if which == "broker" else "secret"
+    path.write_text(path.read_text().replace(f'{key}_file = "secret"', f'{key}_env = "SYNC_S"'))
+    config = load_sync_config(path, environ={"SYNC_S": "from-env"})
+    assert _secret_of(config, which) == "from-env"
+
+
+@pytest.mark.parametrize(
+    ("rollout", "expected"),
+    [
+        ("", 7200.0),  # healthy_for_s defaults to 300: the 2 h floor
+        ("healthy_for_s = 0", 7200.0),
+        ("healthy_for_s = 5000", 10000.0),  # twice the health window
+        ("healthy_for_s = 5000\nstage_timeout_s = 0", 0.0),  # explicit: wait forever
+        ("healthy_for_s = 300\nstage_timeout_s = 301", 301.0),
+        ("healthy_for_s = 0\nstage_timeout_s = 60", 60.0),
+    ],
+)
+def test_stage_timeout_default_and_explicit(tmp_path: Path, rollout: str, expected: float) -> None:
+    config = load_sync_config(_world(tmp_path, rollout=rollout), environ={})
+    assert config.rollout.stage_timeout_s == expected
+
+
+@pytest.mark.parametrize(
+    ("rollout", "message"),
+    [
+        (
+            "healthy_for_s = 300\nstage_timeout_s = 300",
+            "[rollout].stage_timeout_s: 300s is not above healthy_for_s (300s)",
+        ),
+        (
+            "stage_timeout_s = 120",  # healthy_for_s defaults to 300
+            "[rollout].stage_timeout_s: 120s is not above healthy_for_s (300s)",
+        ),
+        ("stage_timeout_s = -1", "[rollout].stage_timeout_s: must be between 0 and"),
+    ],
+)
+def test_stage_timeout_the_gate_could_never_meet_is_refused(
+    tmp_path: Path, rollout: str, message: str
+) -> None:
+    with pytest.raises(SyncConfigError) as err:
+        load_sync_config(_world(tmp_path, rollout=rollout), environ={})
+    assert str(err.value).startswith(message), str(err.value)
+    assert "set 0 to wait forever" in str(err.value) or "between" in message
 
 
 def test_keys_generate_writes_0600_and_prints_the_key_id(tmp_path: Path) -> None:
