@@ -14,9 +14,16 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from lineside.demo.errors import BrokerStartError
+
+# Told about a broker process as soon as it exists, so that a failure or a signal
+# between its start and the broker being up still stops it.
+OnStart = Callable[[str, "subprocess.Popen[bytes]"], None]
 
 
 def free_port() -> int:
@@ -57,17 +64,20 @@ class DemoBroker:
             self._loop = None
 
 
-def start_broker(workdir: Path, *, prefer: str = "auto") -> DemoBroker:
-    """Start a broker; ``prefer`` is auto, mosquitto or amqtt."""
+def start_broker(
+    workdir: Path, *, prefer: str = "auto", on_start: OnStart | None = None
+) -> DemoBroker:
+    """Start a broker; ``prefer`` is auto, mosquitto or amqtt. ``BrokerStartError`` if
+    none can start (nothing is left running then)."""
     port = free_port()
     if prefer in ("auto", "mosquitto") and shutil.which("mosquitto"):
-        return _start_mosquitto(workdir, port)
+        return _start_mosquitto(workdir, port, on_start)
     if prefer == "mosquitto":
-        raise RuntimeError("mosquitto is not on PATH (apt-get install mosquitto)")
+        raise BrokerStartError("mosquitto is not on PATH (apt-get install mosquitto)")
     return _start_amqtt(port)
 
 
-def _start_mosquitto(workdir: Path, port: int) -> DemoBroker:
+def _start_mosquitto(workdir: Path, port: int, on_start: OnStart | None) -> DemoBroker:
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / "mosquitto.conf"
     conf.write_text(
@@ -90,7 +100,13 @@ def _start_mosquitto(workdir: Path, port: int) -> DemoBroker:
         ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     broker = DemoBroker("mosquitto", port, _proc=proc)
-    _wait_port(port, lambda: proc.poll() is None)
+    if on_start is not None:
+        on_start("mosquitto", proc)
+    try:
+        _wait_port(port, lambda: proc.poll() is None)
+    except BaseException:
+        broker.stop()
+        raise
     return broker
 
 
@@ -98,7 +114,7 @@ def _start_amqtt(port: int) -> DemoBroker:
     try:
         from amqtt.broker import Broker
     except ImportError as exc:
-        raise RuntimeError(
+        raise BrokerStartError(
             "no MQTT broker: install mosquitto (apt-get install mosquitto) or "
             "pip install 'lineside[demo]' for the embedded amqtt broker"
         ) from exc
@@ -121,9 +137,13 @@ def _start_amqtt(port: int) -> DemoBroker:
     thread = threading.Thread(target=run, name="amqtt-broker", daemon=True)
     thread.start()
     if not started.wait(15):
-        raise RuntimeError("the embedded amqtt broker did not start")
+        raise BrokerStartError("the embedded amqtt broker did not start")
     demo = DemoBroker("amqtt", port, _loop=loop, _broker=broker, _thread=thread)
-    _wait_port(port, thread.is_alive)
+    try:
+        _wait_port(port, thread.is_alive)
+    except BaseException:
+        demo.stop()
+        raise
     return demo
 
 
@@ -131,8 +151,8 @@ def _wait_port(port: int, alive: Any, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():
-            raise RuntimeError("the broker exited at start")
+            raise BrokerStartError(f"the broker exited at start (port {port})")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.05)
-    raise RuntimeError(f"the broker did not open port {port}")
+    raise BrokerStartError(f"the broker did not open port {port} within {timeout:.0f}s")

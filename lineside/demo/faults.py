@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lineside.demo.errors import DemoFailedError
 from registry_sync.builder import Builder
 from registry_sync.config import load_sync_config
 from registry_sync.state import read_json, write_json_atomic
@@ -25,7 +26,7 @@ def poison_cached_build(sync_config: Path, model: str, version: int) -> None:
     result_path = bundle.path.parent / "result.json"
     result = read_json(result_path, None)
     if result is None:
-        raise RuntimeError(f"no cached build at {result_path}")
+        raise DemoFailedError(f"no cached build at {result_path}")
     golden = result["metadata"]["golden"]["outputs"]
     golden["label"] = [-int(v) for v in golden["label"]]  # every golden label flipped
     if "score" in golden:

@@ -4,7 +4,6 @@ drift, outbox depth and the step/event log."""
 from __future__ import annotations
 
 import threading
-import time
 from typing import Any
 
 from rich.console import Group
@@ -16,14 +15,13 @@ from lineside.demo.files import DEVICE_ID, MODELS
 
 
 class LiveView:
+    """Redraws :meth:`render` four times a second from ``demo.monitor`` and ``demo.steps``."""
+
     def __init__(self, demo: Any) -> None:
         self.demo = demo
         self._stop = threading.Event()
-        self._live = Live(self._render(), refresh_per_second=4, transient=False)
+        self._live = Live(self.render(), refresh_per_second=4, transient=False)
         self._thread = threading.Thread(target=self._loop, name="demo-view", daemon=True)
-        self._last_count = 0
-        self._last_at = time.monotonic()
-        self._rate = 0.0
 
     def __enter__(self) -> LiveView:
         self._live.__enter__()
@@ -33,14 +31,14 @@ class LiveView:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        self._live.update(self._render())
+        self._live.update(self.render())
         self._live.__exit__(None, None, None)
 
     def _loop(self) -> None:
         while not self._stop.wait(0.25):
-            self._live.update(self._render())
+            self._live.update(self.render())
 
-    def _render(self) -> Group:
+    def render(self) -> Group:
         return Group(self._device_table(), self._press_table(), self._log_panel())
 
     def _device_table(self) -> Table:
@@ -63,11 +61,6 @@ class LiveView:
         with monitor.lock:
             state = dict(monitor.state)
             telemetry = dict(monitor.telemetry)
-            total = sum(monitor.predictions.values())
-        now = time.monotonic()
-        if now - self._last_at >= 1.0:
-            self._rate = (total - self._last_count) / (now - self._last_at)
-            self._last_count, self._last_at = total, now
         outbox = telemetry.get("outbox") or {}
         models_t = telemetry.get("models") or {}
         for name in MODELS:
@@ -79,7 +72,7 @@ class LiveView:
                 name,
                 str(entry.get("version", "-")),
                 str(entry.get("variant", "-")),
-                f"{self._rate / max(1, len(MODELS)):.0f}",
+                f"{monitor.rate(name):.1f}",
                 _num(latency.get("p50")),
                 _num(latency.get("p99")),
                 _num(max(psi_values) if psi_values else None),
@@ -91,9 +84,8 @@ class LiveView:
     def _press_table(self) -> Table:
         monitor = self.demo.monitor
         table = Table(title="anomaly rate per press", expand=True)
-        table.add_column("press")
-        table.add_column("rows")
-        table.add_column("anomalies")
+        for column in ("press", "rows", "anomalies", "rate"):
+            table.add_column(column)
         if monitor is None:
             return table
         with monitor.lock:
@@ -101,7 +93,8 @@ class LiveView:
             anomalies = dict(monitor.anomalies)
         for press in sorted(rows):
             n = rows[press]
-            table.add_row(press, str(n), f"{anomalies.get(press, 0) / max(n, 1):.1%}")
+            found = anomalies.get(press, 0)
+            table.add_row(press, str(n), str(found), f"{found / max(n, 1):.1%}")
         return table
 
     def _log_panel(self) -> Panel:
@@ -111,8 +104,9 @@ class LiveView:
             with monitor.lock:
                 events = list(monitor.events)[-6:]
             lines += [
-                f"event {e.get('kind', '')}/{e.get('code', '')}: {e.get('message', '')}"[:110]
-                for e in events
+                f"{at:6.1f}s event {e.get('kind', '')}/{e.get('code', '')}: "
+                f"{e.get('message', '')}"[:120]
+                for at, e in events
             ]
         return Panel("\n".join(lines) or "starting...", title="steps and device events")
 
