@@ -37,28 +37,19 @@ from pathlib import Path
 from typing import Any
 
 from registry_sync.config import BuildSettings, DeviceClass
-from registry_sync.errors import BuildBlockedError, ParityBlockedError, SyncError
+from registry_sync.errors import (
+    BuildBlockedError,
+    BuildRetryError,
+    ParityBlockedError,
+    SyncError,
+)
 from registry_sync.state import read_json, write_json_atomic
 
-__all__ = ["BuildRetryError", "Builder", "Bundle", "candidate_variants"]
+__all__ = ["Builder", "Bundle", "candidate_variants"]
 
 log = logging.getLogger(__name__)
 
 ConvertFn = Callable[..., Any]
-
-
-class BuildRetryError(SyncError):
-    """A conversion failed for a reason that may pass (model not downloadable or loadable,
-    registry or disk error, an unexpected exception); it is retried after ``retry_at``.
-
-    ``attempted`` is False when this pass did not try at all (still backing off), so the
-    failure is reported once per attempt, not once per pass.
-    """
-
-    def __init__(self, message: str, *, retry_at: float, attempted: bool) -> None:
-        super().__init__(message)
-        self.retry_at = retry_at
-        self.attempted = attempted
 
 
 @dataclass

@@ -7,6 +7,7 @@
     │   └── PublishTimeoutError     a PUBACK did not arrive in time (nothing further sent)
     ├── BuildBlockedError           no variant of a version may be deployed to a group
     │   └── ParityBlockedError      the preferred variant failed the converter's parity gate
+    ├── BuildRetryError             a conversion failed for a reason that may pass (retried later)
     ├── ManifestSigningError        a key cannot be loaded or a manifest cannot be signed
     └── StateError                  the local state dir cannot be read or written
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailableError",
     "BuildBlockedError",
+    "BuildRetryError",
     "ManifestSigningError",
     "ParityBlockedError",
     "PublishTimeoutError",
@@ -56,6 +58,20 @@ class BuildBlockedError(SyncError):
 
 class ParityBlockedError(BuildBlockedError):
     """The variant the group needs failed the parity gate: the deployment is blocked."""
+
+
+class BuildRetryError(SyncError):
+    """A conversion failed for a reason that may pass (model not downloadable or loadable,
+    registry or disk error, an unexpected exception); it is retried after ``retry_at``.
+
+    ``attempted`` is False when this pass did not try at all (still backing off), so the
+    failure is reported once per attempt, not once per pass.
+    """
+
+    def __init__(self, message: str, *, retry_at: float, attempted: bool) -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+        self.attempted = attempted
 
 
 class ManifestSigningError(SyncError):

@@ -24,16 +24,29 @@ from typing import Any
 from edge_agent.mqtt import Message, MqttLink
 from edge_agent.protocol.topics import TopicError, Topics
 
-__all__ = ["DeviceRecord", "FleetMonitor", "FleetView", "ModelTelemetry", "with_offline_after"]
+__all__ = [
+    "MAX_EVENTS",
+    "MAX_UPDATE_EVENTS",
+    "UPDATE_KINDS",
+    "DeviceRecord",
+    "FleetMonitor",
+    "FleetView",
+    "ModelTelemetry",
+    "with_offline_after",
+]
 
 log = logging.getLogger(__name__)
-MAX_EVENTS = 50  # per device, newest kept
+MAX_EVENTS = 50  # per device, newest kept, every kind
+# Update and health events (activated, healthy, rolled_back, refusals: what the rollout
+# gate reads), per device, newest kept, in their own list.
+UPDATE_KINDS = frozenset({"update", "health"})
+MAX_UPDATE_EVENTS = 200
 
 
 @dataclass
 class ModelTelemetry:
     version: int | None = None
-    rows: int = 0  # cumulative since the monitor started, for this version
+    rows: int = 0  # since the monitor started or this version became active, for it
     errors: int = 0
     p50_ms: float | None = None
     p90_ms: float | None = None
@@ -60,7 +73,8 @@ class DeviceRecord:
     # model -> [version, since]: when that version was first seen active while online
     active_since: dict[str, list[Any]] = field(default_factory=dict)
     groups: dict[str, list[str]] = field(default_factory=dict)  # model -> groups seen in events
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # every kind, newest
+    update_events: list[dict[str, Any]] = field(default_factory=list)  # update/health only
     telemetry: dict[str, ModelTelemetry] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -70,6 +84,8 @@ class DeviceRecord:
     def from_json(cls, doc: Mapping[str, Any]) -> DeviceRecord:
         rec = cls(**{k: v for k, v in doc.items() if k != "telemetry"})
         rec.telemetry = {m: ModelTelemetry(**t) for m, t in doc.get("telemetry", {}).items()}
+        if "update_events" not in doc:  # a snapshot from before the lists were split
+            rec.update_events = [e for e in rec.events if e.get("kind") in UPDATE_KINDS]
         return rec
 
 
@@ -151,24 +167,33 @@ class FleetView:
             raw_info = active.get(model)
             info: Mapping[str, Any] = raw_info if isinstance(raw_info, dict) else {}
             version = info.get("version", m.get("version"))
-            t = rec.telemetry.get(model)
+            # The agent's totals are per process, not per version: after a version change
+            # they still hold the old version's rows, so the new record counts from the
+            # previous record's totals (``base``), not from zero.
+            base = rec.telemetry.get(model)
+            t = base
             if t is None or t.version != version:
                 t = rec.telemetry[model] = ModelTelemetry(version=version)
             rows_total = _int(m.get("rows_total"))
             errors_total = _error_total(m.get("errors_total"))
-            # The agent reports running totals; the interval's share is the difference
-            # (all of it the first time; a restarted agent starts its totals again).
-            seen = t.ts > 0 and rows_total >= t.rows_total and errors_total >= t.errors_total
-            t.last_rows = rows_total - t.rows_total if seen else rows_total
-            t.last_errors = errors_total - t.errors_total if seen else errors_total
+            # The interval's share is the difference from the last totals (all of it the
+            # first time; a restarted agent starts its totals again).
+            seen = (
+                base is not None
+                and base.ts > 0
+                and rows_total >= base.rows_total
+                and errors_total >= base.errors_total
+            )
+            before = base if base is not None and seen else None
+            t.last_rows = rows_total - before.rows_total if before else rows_total
+            t.last_errors = errors_total - before.errors_total if before else errors_total
             t.rows_total, t.errors_total = rows_total, errors_total
             t.rows += t.last_rows
             t.errors += t.last_errors
             kinds = _error_kinds(m.get("errors_total"))
+            kinds_before = before.error_kinds_total if before else {}
             t.last_error_kinds = {
-                k: v - t.error_kinds_total.get(k, 0)
-                if seen and v >= t.error_kinds_total.get(k, 0)
-                else v
+                k: v - kinds_before.get(k, 0) if v >= kinds_before.get(k, 0) else v
                 for k, v in kinds.items()
             }
             t.error_kinds_total = kinds
@@ -194,6 +219,12 @@ class FleetView:
         event["received"] = now
         rec.events.append(event)
         del rec.events[:-MAX_EVENTS]
+        if p.get("kind") in UPDATE_KINDS:
+            # Kept apart: input-error events (up to 5 per second per code from a device
+            # with a bad sensor) would otherwise push these out of ``events`` before the
+            # rollout gate reads them.
+            rec.update_events.append(event)
+            del rec.update_events[:-MAX_UPDATE_EVENTS]
         model, group = p.get("model"), p.get("group")
         if p.get("kind") == "update" and isinstance(model, str) and isinstance(group, str):
             seen = rec.groups.setdefault(model, [])

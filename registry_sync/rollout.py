@@ -30,10 +30,12 @@ The gate *fails* (the rollout halts, and with ``revert_on_failure`` the group ge
 previous manifest back) on such an event, on an error rate above the threshold, or when
 ``stage_timeout_s`` passes without the gate holding. ``stage_timeout_s = 0`` means no
 timeout: an explicit choice to wait for the gate forever (a canary group with no device
-online then holds the rollout indefinitely); the shipped ``device_configs/sync.toml``
-sets 7200 s. A device belongs to group ``k`` when its update events named that group for
-the model; a device whose events named no group for it (the service saw none of them)
-belongs to it when its state carries the sequence we published on that group's topic.
+online then holds the rollout indefinitely). Without the key the loader uses
+max(7200, 2 x ``healthy_for_s``); a value not above ``healthy_for_s`` is refused (the gate
+could never hold in time). A device belongs to group ``k`` when its update events named
+that group for the model; a device whose events named no group for it (the service saw
+none of them) belongs to it when its state carries the sequence we published on that
+group's topic.
 
 Moving the selector back to an older version (a registry rollback) and undeploys are not
 staged: every group gets them at once, since they are the way out of trouble.
@@ -186,7 +188,7 @@ def _about(ev: Mapping[str, Any], rollout: Rollout, group: str) -> bool:
 
 def _condemned(rec: DeviceRecord, rollout: Rollout, group: str) -> str | None:
     """Why the device failed the gate, or None."""
-    for ev in rec.events:
+    for ev in rec.update_events:
         code = str(ev.get("code"))
         if code not in FAILING_EVENTS and code not in REFUSALS:
             continue
@@ -206,7 +208,7 @@ def _window_open(rec: DeviceRecord, rollout: Rollout, group: str) -> bool:
     """The agent activated the version this stage and has not reported its health window
     passed yet."""
     last = None
-    for ev in rec.events:
+    for ev in rec.update_events:
         code = ev.get("code")
         if code in (_WINDOW_OPEN, _WINDOW_PASSED) and _about(ev, rollout, group):
             last = code

@@ -47,12 +47,13 @@ from edge_agent.mqtt import Backoff, LinkOptions, MqttLink
 from edge_agent.protocol.ed25519 import PublicKey
 from edge_agent.protocol.topics import Topics
 from registry_sync import signing
-from registry_sync.builder import Builder, BuildRetryError, Bundle
+from registry_sync.builder import Builder, Bundle
 from registry_sync.config import DeviceClass, ModelSpec, SyncConfig
 from registry_sync.desired import Desired, desired_state
 from registry_sync.errors import (
     BrokerUnavailableError,
     BuildBlockedError,
+    BuildRetryError,
     ManifestSigningError,
     ParityBlockedError,
     StateError,
@@ -530,11 +531,19 @@ class _Pass:
 
     def _last_signed(self, group: str, model: str) -> Mapping[str, Any] | None:
         """What (group, model) carries: the retained manifest if it is ours; if the broker
-        has none (it lost its retained state), the last one we published there."""
+        has none (it lost its retained state), the last one we published there.
+
+        Ours: verified by one of the current keys, or byte for byte the manifest our
+        record says we published (signed by a key since switched away from, operations.md
+        section 9): that one is read from the record, so it is re-signed with the current
+        keys. Anything else on the broker is not ours and is left alone."""
         r = self.retained.get((group, model))
-        if r is not None:
-            return r.signed  # None when it is not ours: leave it alone
         wire = self.streams["streams"].get(f"{group}/{model}", {}).get("wire")
+        if r is not None:
+            if r.signed is not None:
+                return r.signed
+            if not wire or r.wire != str(wire).encode():
+                return None  # not ours (or not what we last published): leave it alone
         if not wire:
             return None
         try:

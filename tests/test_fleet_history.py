@@ -330,3 +330,84 @@ def test_live_ledger_intervals_and_retained_liveness() -> None:
     assert with_offline_after(view.snapshot(), 5000.0, 0.0)["old"].online is True
     view.apply("old", "telemetry", {"models": {}}, 5001.0)  # it speaks again
     assert with_offline_after(view.snapshot(), 5001.0, 60.0)["old"].online is True
+
+
+def test_a_new_version_counts_only_the_rows_and_errors_since_it_became_active(
+    tmp_path: Path, broker: MosquittoBroker, registry: Registry
+) -> None:
+    """The agent's totals are per process: after it switches versions they still hold the
+    old version's rows and errors, which must not be charged to the new version."""
+    name = log_versions(registry, SHARED_MODEL)
+    device = "delta-press-1"
+    path, _keys = write_world(
+        tmp_path / "sync",
+        broker_url=broker.url,
+        tracking_uri=registry.tracking_uri,
+        model=name,
+        cache_dir=shared_cache_dir(),
+    )
+    service = SyncService(load_sync_config(path))
+    service.connect()
+    agent = MqttLink(LinkOptions(url=broker.url, client_id="delta-agent"))
+    agent.start(wait=10.0)
+
+    def interval(version: int, rows: int, errors: dict[str, int]) -> None:
+        body = {  # the agent's telemetry (edge_agent.telemetry, docs/protocol.md 8.3)
+            "ts": time.time(),
+            "device": device,
+            "interval_s": 10.0,
+            "models": {
+                name: {
+                    "rows_total": rows,
+                    "latency_ms": {"count": rows, "p50": 0.4, "p99": 1.0, "max": float(rows)},
+                    "errors_total": errors,
+                }
+            },
+            "active": {name: {"model": name, "version": version, "variant": "onnx-fp32"}},
+        }
+        _publish(agent, device, "telemetry", body)
+        _wait(service, device, lambda r: r.telemetry.get(name, None) is not None
+              and r.telemetry[name].max_ms == float(rows))
+
+    try:
+        interval(1, 400, {"missing_field": 3})
+        interval(1, 600, {"missing_field": 4, "schema": 1})
+        v1 = service.view.snapshot()[device].telemetry[name]
+        assert (v1.version, v1.rows, v1.errors) == (1, 600, 5)
+        # The same process activates v2: its totals go on from 600 rows and 5 errors.
+        interval(2, 650, {"missing_field": 6, "schema": 1})
+        v2 = service.view.snapshot()[device].telemetry[name]
+        assert (v2.version, v2.rows, v2.errors) == (2, 50, 2)
+        assert (v2.last_rows, v2.last_errors) == (50, 2)
+        assert v2.last_error_kinds == {"missing_field": 2, "schema": 0}
+        interval(2, 750, {"missing_field": 6, "schema": 2})
+        v2 = service.view.snapshot()[device].telemetry[name]
+        assert (v2.rows, v2.errors, v2.last_rows) == (150, 3, 100)
+        # A restarted agent (totals back near zero) on v1 again: all of it is v1's.
+        interval(1, 30, {"missing_field": 1})
+        v1 = service.view.snapshot()[device].telemetry[name]
+        assert (v1.version, v1.rows, v1.errors) == (1, 30, 1)
+    finally:
+        agent.stop()
+        service.close()
+
+
+def test_input_error_floods_do_not_push_out_update_and_health_events() -> None:
+    from registry_sync.fleet import MAX_EVENTS, DeviceRecord, FleetView
+
+    view = FleetView()
+    context = {"model": "m", "version": 2, "group": "canary"}
+    view.apply("d", "events", {"kind": "update", "code": "activated", **context}, 1.0)
+    view.apply("d", "events", {"kind": "health", "code": "healthy", **context}, 2.0)
+    for i in range(3 * MAX_EVENTS):  # a bad sensor: 5 per second per code, for a while
+        view.apply("d", "events", {"kind": "error", "code": "missing_field", "model": "m"},
+                   3.0 + i / 5)
+    rec = view.snapshot()["d"]
+    assert len(rec.events) == MAX_EVENTS
+    assert {e["code"] for e in rec.events} == {"missing_field"}
+    assert [e["code"] for e in rec.update_events] == ["activated", "healthy"]
+    # A fleet snapshot saved before the lists were split still gives the gate its events.
+    old = rec.to_json()
+    del old["update_events"]
+    old["events"] = [{"kind": "update", "code": "rolled_back"}, *old["events"][-3:]]
+    assert [e["code"] for e in DeviceRecord.from_json(old).update_events] == ["rolled_back"]

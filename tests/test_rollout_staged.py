@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from edge_agent.mqtt import LinkOptions, MqttLink
 from lineside.cli import cli
 from registry_sync.config import RolloutSettings, load_sync_config
-from registry_sync.fleet import DeviceRecord, FleetView
+from registry_sync.fleet import MAX_EVENTS, DeviceRecord, FleetView
 from registry_sync.rollout import REFUSALS, advance, evaluate_gate, start_rollout
 from registry_sync.service import SyncService
 from tests.support.broker import MosquittoBroker
@@ -280,6 +280,44 @@ def test_rollout_advances_on_healthy_canary_then_halts_on_rollback(
         events.stop()
 
 
+def test_a_rollback_is_not_lost_among_a_flood_of_input_error_events(
+    staged: Staged, broker: MosquittoBroker, registry: Registry
+) -> None:
+    """A canary with a bad sensor sends input-error events (up to 5 per second per code)
+    after its rollback event: the gate still sees the rollback and halts the rollout."""
+    service, name, fake, path = staged
+    registry.set_alias(name, "production", 1)
+    roll_out_v1(service, name, fake, path)
+    registry.set_alias(name, "production", 2)
+    service.reconcile()
+    assert groups_with(broker, name) == {"canary": 2, "line-1": 1}
+    report_active(service, fake, "canary-1", name, "canary", 2)
+    report_rolled_back(fake, "canary-1", name, 2, to=1)
+    flood = 3 * MAX_EVENTS
+    for i in range(flood):
+        publish(
+            fake,
+            "canary-1",
+            "events",
+            {"kind": "error", "code": "missing_field", "model": name,
+             "message": f"message {i}: vibration: missing field", "reason": "missing field",
+             "topic": "lineside/v1/plant/press-7", "field": "vibration"},
+        )
+    assert seen(
+        service,
+        "canary-1",
+        lambda r: bool(r.events)
+        and str(r.events[-1].get("message")).startswith(f"message {flood - 1}:"),
+    )
+    rec = service.view.snapshot()["canary-1"]
+    assert all(e.get("code") == "missing_field" for e in rec.events)  # the rollback is gone
+    service.reconcile()
+    status = rollout_status(path)[name]
+    assert status["status"] == "halted" and "rolled back" in status["reason"]
+    assert retained_signed(broker, "canary", name)["version"] == 1  # the canary reverted
+    assert groups_with(broker, name) == {"canary": 1, "line-1": 1}  # line-1 never got v2
+
+
 def test_without_revert_on_failure_the_canary_keeps_the_halted_version(
     make_staged: Callable[..., Staged], broker: MosquittoBroker, registry: Registry
 ) -> None:
@@ -315,8 +353,9 @@ def test_error_rate_from_agent_telemetry_above_the_threshold_halts(
     registry.set_alias(name, "production", 2)
     service.reconcile()
     # Active, serving and past its window, but 6 of 106 attempted rows failed (5.7% > 5%).
+    # The agent's totals run on from v1's 100 rows (one process): v2's share is the rest.
     report_active(
-        service, fake, "canary-1", name, "canary", 2, rows=100,
+        service, fake, "canary-1", name, "canary", 2, rows=200,
         errors={"inference": 4, "missing_field": 2},
     )
     service.reconcile()
@@ -469,10 +508,12 @@ def test_gate_fails_on_a_condemning_update_event(code: str, words: str) -> None:
     view = _view(now, a={}, b={})
     assert evaluate_gate(settings, r, view, now, group_sequence=None).verdict == "pass"
     # the same event from before the stage began, or about another model, does not count
-    view["b"].events.append({"code": code, "model": "m", "received": now - 300})
-    view["b"].events.append({"code": code, "model": "other", "received": now - 1})
+    view["b"].update_events.append({"code": code, "model": "m", "received": now - 300})
+    view["b"].update_events.append({"code": code, "model": "other", "received": now - 1})
     assert evaluate_gate(settings, r, view, now, group_sequence=None).verdict == "pass"
-    view["b"].events.append({"code": code, "model": "m", "received": now - 1, "message": "x"})
+    view["b"].update_events.append(
+        {"code": code, "model": "m", "received": now - 1, "message": "x"}
+    )
     gate = evaluate_gate(settings, r, view, now, group_sequence=None)
     assert gate.verdict == "fail" and f"device b {words} m (x)" in gate.reason
 
@@ -487,10 +528,10 @@ def test_a_device_refusing_the_version_fails_the_gate(code: str) -> None:
                "message": "golden inputs give other outputs", "received": NOW - 1}
     # about another version (a late word on the one this rollout replaces) or another
     # group's stream: not this stage's business
-    view["a"].events.append({**refusal, "version": 1})
-    view["a"].events.append({**refusal, "group": "all"})
+    view["a"].update_events.append({**refusal, "version": 1})
+    view["a"].update_events.append({**refusal, "group": "all"})
     assert _gate(view, settings).verdict == "hold"
-    view["a"].events.append({**refusal, "version": 2})
+    view["a"].update_events.append({**refusal, "version": 2})
     gate = _gate(view, settings)
     assert gate.verdict == "fail"
     assert gate.reason == f"device a refused m v2 ({code}: golden inputs give other outputs)"
@@ -504,7 +545,7 @@ def test_transient_or_device_local_failures_leave_the_gate_to_the_timeout(code: 
         groups=("canary", "all"), min_devices=1, healthy_for_s=0, stage_timeout_s=300
     )
     view = _view(NOW, a={"version": 1})
-    view["a"].events.append(
+    view["a"].update_events.append(
         {"kind": "update", "code": code, "model": "m", "group": "canary", "version": 2,
          "received": NOW - 1}
     )

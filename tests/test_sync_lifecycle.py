@@ -4,6 +4,7 @@ undeploys with a signed manifest, a parity failure publishes nothing and is repo
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,3 +181,17 @@ def test_sync_once_cli_reports_blocked_and_errors_are_one_line(
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "chmod 600" in lines[0] and "Traceback" not in result.output
     json.dumps(lines)
+
+
+def test_build_retry_error_belongs_to_the_exception_tree() -> None:
+    """The service loop and the CLI handle exactly registry_sync.errors' tree: the
+    retryable build failure is part of it, documented there with the others."""
+    from registry_sync import errors
+
+    assert issubclass(errors.BuildRetryError, errors.SyncError)
+    assert not issubclass(errors.BuildRetryError, errors.BuildBlockedError)  # not cached
+    assert "BuildRetryError" in errors.__all__
+    assert errors.__doc__ is not None
+    assert re.search(r"^    ├── BuildRetryError\s+\S", errors.__doc__, flags=re.M)
+    exc = errors.BuildRetryError("model not downloadable", retry_at=120.0, attempted=False)
+    assert (str(exc), exc.retry_at, exc.attempted) == ("model not downloadable", 120.0, False)

@@ -40,7 +40,9 @@ from edge_agent.protocol.manifest import decode_envelope, verify_envelope
 from edge_agent.protocol.predictions import iter_predictions
 from edge_agent.updater import State
 from lineside.cli import cli
+from registry_sync import signing
 from registry_sync.config import load_sync_config
+from registry_sync.manifests import VOLATILE
 from registry_sync.service import SyncService
 from registry_sync.webhook import MAX_BODY, WebhookServer, sign_delivery
 from tests.support.broker import MosquittoBroker, make_tls_files, running_broker
@@ -388,6 +390,107 @@ def test_key_rotation_follows_the_documented_procedure(
         predictions.stop()
 
 
+UNDEPLOY_MODEL = "sync-rotation-undeploy"
+
+
+def test_key_switch_re_signs_a_retained_undeploy_for_devices_that_missed_it(
+    tmp_path: Path, broker: MosquittoBroker, registry: Registry
+) -> None:
+    """An undeploy signed by the old key alone is re-signed at the switch (step 4), so a
+    device that was offline for it and now trusts only the new key still withdraws the
+    model; bytes on the broker that are not the ones the service recorded never are."""
+    name = log_versions(registry, UNDEPLOY_MODEL, count=1)
+    registry.set_alias(name, "production", 1)
+    keydir = tmp_path / "sync" / "keys"
+    old_kid = generate(keydir, "release")
+    config, _keys = write_world(
+        tmp_path / "sync",
+        broker_url=broker.url,
+        tracking_uri=registry.tracking_uri,
+        model=name,
+        cache_dir=shared_cache_dir(),
+    )
+    old_pub = keydir / "release.pub"
+    gw = Gateway(tmp_path / "gw", "gw-undeploy", broker.url, (name,))
+    events = Collector(broker.url, f"{ROOT}/devices/gw-undeploy/events", "undeploy-events")
+    link = MqttLink(LinkOptions(url=broker.url, client_id="undeploy-forger"))
+    link.start(wait=10.0)
+    topic = f"{ROOT}/manifests/{GROUP}/{name}"
+    try:
+        result = sync_once(config)
+        assert result.exit_code == 0 and "1 manifest(s) published" in result.stdout, result.output
+        gw.start({old_kid: old_pub})
+        assert wait_until(partial(gw.serves, name, 1))
+        deployed_seq = signed(the_manifest(broker.url, name))["sequence"]
+        gw.stop()  # offline: it misses the undeploy
+
+        registry.client().delete_registered_model_alias(name, "production")
+        result = sync_once(config)
+        assert result.exit_code == 0 and "1 manifest(s) published" in result.stdout, result.output
+        undeploy = the_manifest(broker.url, name)
+        assert signers(undeploy) == [old_kid] and signed(undeploy)["undeployed"] is True
+        undeploy_seq = signed(undeploy)["sequence"]
+        assert undeploy_seq > deployed_seq
+
+        # Rotation steps 1-2: the overlap leaves the retained undeploy as it is.
+        new_kid = generate(keydir, "release-2027")
+        new_pub = keydir / "release-2027.pub"
+        set_signing(config, "keys/release.pem", ["keys/release-2027.pem"])
+        result = sync_once(config)
+        assert result.exit_code == 0 and "0 manifest(s) published" in result.stdout, result.output
+        assert the_manifest(broker.url, name) == undeploy
+
+        # Step 4, switch. Retained bytes other than the recorded ones, even validly signed
+        # by the old key, are not the service's to re-sign: they stay, nothing is published.
+        set_signing(config, "keys/release-2027.pem", [])
+        forged_doc = {**signed(undeploy), "on_undeploy": "stop", "sequence": undeploy_seq + 5}
+        forged = signing.sign_manifest(forged_doc, signing.load_private_key(keydir / "release.pem"))
+        assert link.publish(topic, forged, qos=1, retain=True).wait(5)
+        result = sync_once(config)
+        assert result.exit_code == 0 and "0 manifest(s) published" in result.stdout, result.output
+        assert the_manifest(broker.url, name) == forged
+        # The recorded undeploy back on the broker: re-signed with the new key, higher sequence.
+        assert link.publish(topic, undeploy, qos=1, retain=True).wait(5)
+        result = sync_once(config)
+        assert result.exit_code == 0 and "1 manifest(s) published" in result.stdout, result.output
+        resigned = the_manifest(broker.url, name)
+        assert signers(resigned) == [new_kid]
+        assert signed(resigned)["sequence"] > undeploy_seq
+        assert {k: v for k, v in signed(resigned).items() if k not in VOLATILE} == {
+            k: v for k, v in signed(undeploy).items() if k not in VOLATILE
+        }
+        result = sync_once(config)  # nothing left to re-sign
+        assert result.exit_code == 0 and "0 manifest(s) published" in result.stdout, result.output
+
+        # Step 5: the old key retired on the device, which comes back and withdraws the model.
+        (keydir / "release.pem").unlink()
+        gw.start({new_kid: new_pub})
+        seq = signed(resigned)["sequence"]
+        assert wait_until(partial(gw.at_sequence, name, seq))
+        assert wait_until(
+            lambda: gw._agent().updater.snapshot.get(name, {}).get("desired") is False
+        )
+        assert wait_until(
+            lambda: any(e["code"] == "undeployed" and e.get("model") == name
+                        for e in events.json())
+        ), events.json()
+        assert gw.serves(name, 1)  # on_undeploy "keep": withdrawn, still answering
+        ours = [e for e in events.json() if e.get("model") == name]
+        (undeployed,) = [e for e in ours if e["code"] == "undeployed"]
+        assert undeployed["sequence"] == seq
+        # The copies signed by the old key alone that the broker queued for the device's
+        # session while it was offline are refused; nothing else is.
+        later = [e for e in ours if e["code"] not in {"accepted", "installed", "activated"}]
+        assert {e["code"] for e in later} <= {"unknown_key", "undeployed"}, later
+        assert all(
+            f"signed by: {old_kid}" in e["message"] for e in later if e["code"] == "unknown_key"
+        ), later
+    finally:
+        gw.stop()
+        link.stop(timeout=2.0)
+        events.stop()
+
+
 # ---- 2. the webhook endpoint over real HTTP ------------------------------------------------
 
 
@@ -411,6 +514,7 @@ def test_webhook_refuses_unverified_deliveries_and_hints_on_a_good_one(
     secret_file = tmp_path / "sync" / "webhook-secret"
     secret_file.parent.mkdir(parents=True)
     secret_file.write_text("wh-s3cret\n")
+    secret_file.chmod(0o600)  # a secret readable by others is refused
     config, _ = write_world(
         tmp_path / "sync",
         broker_url="mqtt://127.0.0.1:1",  # never connected: the test only needs the wiring
