@@ -13,7 +13,12 @@ The minimal loop is paho subscriber -> json -> numpy -> onnxruntime -> json -> p
 publish (QoS 1 in and out, like the agent's outbox; TCP_NODELAY), one process. The
 generator and collector run in this process, the agent and the loop in their own.
 
-Run: python benchmarks/bench_agent.py [--rate 100] [--seconds 10] [--burst 20000]
+The three systems run in interleaved rounds (minimal loop, agent with outbox ``full``,
+agent with ``normal``, then again): each ratio is taken against the minimal loop of the
+same round and the median over rounds is reported, because the VM's speed drifts between
+phases by more than the differences measured.
+
+Run: python benchmarks/bench_agent.py [--rate 100] [--seconds 10] [--burst 20000] [--rounds 3]
 Writes benchmarks/results/bench_agent.json.
 """
 
@@ -46,6 +51,9 @@ from tests.support.publisher import Bundle, Publisher, write_config  # noqa: E40
 N_FEATURES = 16
 FEATURES = [f"f{i}" for i in range(N_FEATURES)]
 SENSOR_TOPIC = "plant/bench/a/sensors"
+# The minimal loop reads its own line: the agent's persistent session must not queue the
+# minimal loop's messages while the agent is stopped (it would start on a backlog).
+MINIMAL_SENSOR_TOPIC = "plant/minimal/a/sensors"
 
 MINIMAL_LOOP = r"""
 import json, socket, sys
@@ -67,7 +75,7 @@ def on_message(cl, ud, msg):
              "outputs": {n: v.tolist() for n, v in zip(names, out)}}
     cl.publish("bench/minimal/predictions", json.dumps(reply), qos=1)
 c.on_message = on_message
-c.on_connect = lambda cl, ud, fl, rc, pr: cl.subscribe("plant/bench/+/sensors", 1)
+c.on_connect = lambda cl, ud, fl, rc, pr: cl.subscribe("plant/minimal/+/sensors", 1)
 c.connect("127.0.0.1", port)
 print("ready", flush=True)
 c.loop_forever()
@@ -115,7 +123,8 @@ def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
 class Rig:
     """Sensor publisher + prediction collector (latency from the echoed source ts)."""
 
-    def __init__(self, port: int, topic: str) -> None:
+    def __init__(self, port: int, topic: str, sensor_topic: str = SENSOR_TOPIC) -> None:
+        self.sensor_topic = sensor_topic
         self.latencies: list[float] = []
         self.received: list[float] = []
         self.first_at: float | None = None
@@ -162,7 +171,7 @@ class Rig:
     def send(self, i: int, rng: np.random.Generator) -> None:
         body = {f: float(v) for f, v in zip(FEATURES, rng.normal(size=N_FEATURES), strict=True)}
         body |= {"id": i, "ts": time.time()}
-        self.pub.publish(SENSOR_TOPIC, json.dumps(body), qos=1)
+        self.pub.publish(self.sensor_topic, json.dumps(body), qos=1)
 
     def paced(self, rate: float, seconds: float) -> dict[str, float]:
         self.reset()
@@ -333,11 +342,100 @@ def measure_agent(port: int, config: Path, topic: str, args: Any) -> dict[str, A
     return out
 
 
+def measure_minimal(port: int, model_path: Path, args: Any) -> dict[str, Any]:
+    loop = subprocess.Popen(
+        [sys.executable, "-c", MINIMAL_LOOP, str(port), str(model_path), json.dumps(FEATURES)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert loop.stdout is not None and loop.stdout.readline().strip() == "ready"
+    time.sleep(0.5)
+    rig = Rig(port, "bench/minimal/predictions", MINIMAL_SENSOR_TOPIC)
+    out = {
+        "paced": with_cpu(loop.pid, lambda: rig.paced(args.rate, args.seconds)),
+        "burst": with_cpu(loop.pid, lambda: rig.burst(args.burst)),
+        "rss_mb": round(rss_kb(loop.pid) / 1024, 1),
+    }
+    rig.close()
+    stop(loop)
+    return out
+
+
+def set_outbox_sync(config: Path, sync: str) -> None:
+    text = config.read_text()
+    text = text.replace('outbox_sync = "full"\n', "").replace('outbox_sync = "normal"\n', "")
+    config.write_text(text.replace("[limits]\n", f'[limits]\noutbox_sync = "{sync}"\n'))
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(np.array(values, dtype=float)))
+
+
+def summarize(rounds: list[dict[str, Any]], bare_rss_mb: float) -> dict[str, Any]:
+    """Per-round ratios (each system against the minimal loop of the same round), then
+    the median over rounds: the VM's speed drifts between phases far more than the
+    differences measured, and interleaving the systems round by round cancels the drift."""
+    out: dict[str, Any] = {}
+    minimal = [r["minimal"] for r in rounds]
+    out["minimal_paced"] = {
+        "p50_ms": round(_median([m["paced"]["p50_ms"] for m in minimal]), 3),
+        "p99_ms": round(_median([m["paced"]["p99_ms"] for m in minimal]), 3),
+        "cpu_ms_per_msg": round(_median([m["paced"]["cpu_ms_per_msg"] for m in minimal]), 2),
+    }
+    out["minimal_burst"] = {
+        "answers_per_s": round(_median([m["burst"]["answers_per_s"] for m in minimal])),
+        "cpu_ms_per_msg": round(_median([m["burst"]["cpu_ms_per_msg"] for m in minimal]), 3),
+    }
+    out["minimal_rss_mb"] = max(m["rss_mb"] for m in minimal)
+    for sync in ("full", "normal"):
+        runs = [(r[f"agent_{sync}"], r["minimal"]) for r in rounds]
+        a: dict[str, Any] = {
+            "start_to_first_prediction_s": round(
+                _median([x["start_to_first_prediction_s"] for x, _ in runs]), 3
+            ),
+            "paced": {
+                k: round(_median([x["paced"][k] for x, _ in runs]), 3)
+                for k in ("p50_ms", "p99_ms", "cpu_ms_per_msg")
+            },
+            "burst": {
+                "answers_per_s": round(_median([x["burst"]["answers_per_s"] for x, _ in runs])),
+                "cpu_ms_per_msg": round(
+                    _median([x["burst"]["cpu_ms_per_msg"] for x, _ in runs]), 3
+                ),
+            },
+            "rss_mb": max(x["rss_mb"] for x, _ in runs),
+        }
+        per_round = {
+            "p50": [x["paced"]["p50_ms"] / m["paced"]["p50_ms"] for x, m in runs],
+            "p99": [x["paced"]["p99_ms"] / m["paced"]["p99_ms"] for x, m in runs],
+            "throughput": [
+                x["burst"]["answers_per_s"] / max(1, m["burst"]["answers_per_s"]) for x, m in runs
+            ],
+        }
+        r = {k: round(_median(v), 2) for k, v in per_round.items()}
+        r["rss"] = round(a["rss_mb"] / bare_rss_mb, 2)
+        a["ratios"] = r
+        a["ratios_per_round"] = {k: [round(x, 2) for x in v] for k, v in per_round.items()}
+        a["targets"] = {
+            "p50 <= 1.2x": r["p50"] <= 1.2,
+            "p99 <= 1.5x": r["p99"] <= 1.5,
+            "throughput >= 1.5x": r["throughput"] >= 1.5,
+            "rss <= 1.25x": r["rss"] <= 1.25,
+            "first prediction <= 1.0 s": a["start_to_first_prediction_s"] <= 1.0,
+        }
+        out[f"agent_{sync}"] = a
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--burst", type=int, default=20000)
+    parser.add_argument(
+        "--rounds", type=int, default=3,
+        help="rounds of (minimal loop, agent full, agent normal), interleaved",
+    )
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "bench_agent.json"
     )
@@ -348,8 +446,10 @@ def main() -> None:
         "rate": args.rate,
         "seconds": args.seconds,
         "burst": args.burst,
+        "rounds": args.rounds,
         "model": "RandomForest(100, depth 10), 16 features, onnx-fp32",
     }
+    rounds: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp_text:
         tmp = Path(tmp_text)
         print("building the model ...", flush=True)
@@ -359,37 +459,13 @@ def main() -> None:
             port = broker.port
             config = install_model(port, tmp, bundle)
             agent_topic = "lineside/devices/bench-gw/predictions"
-
-            for sync in ("full", "normal"):
-                text = config.read_text()
-                text = text.replace('outbox_sync = "full"\n', "").replace(
-                    'outbox_sync = "normal"\n', ""
-                )
-                config.write_text(text.replace("[limits]\n", f'[limits]\noutbox_sync = "{sync}"\n'))
-                results[f"agent_{sync}"] = measure_agent(port, config, agent_topic, args)
-
-            loop = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    MINIMAL_LOOP,
-                    str(port),
-                    str(model_path),
-                    json.dumps(FEATURES),
-                ],
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            assert loop.stdout is not None and loop.stdout.readline().strip() == "ready"
-            time.sleep(0.5)
-            rig = Rig(port, "bench/minimal/predictions")
-            results["minimal_paced"] = with_cpu(
-                loop.pid, lambda: rig.paced(args.rate, args.seconds)
-            )
-            results["minimal_burst"] = with_cpu(loop.pid, lambda: rig.burst(args.burst))
-            results["minimal_rss_mb"] = round(rss_kb(loop.pid) / 1024, 1)
-            rig.close()
-            stop(loop)
+            for k in range(args.rounds):
+                print(f"round {k + 1}/{args.rounds} ...", flush=True)
+                one: dict[str, Any] = {"minimal": measure_minimal(port, model_path, args)}
+                for sync in ("full", "normal"):
+                    set_outbox_sync(config, sync)
+                    one[f"agent_{sync}"] = measure_agent(port, config, agent_topic, args)
+                rounds.append(one)
 
         bare = subprocess.run(
             [sys.executable, "-c", BARE, str(model_path), str(N_FEATURES)],
@@ -399,30 +475,13 @@ def main() -> None:
         )
         results["bare_rss_mb"] = round(int(bare.stdout.strip()) / 1024, 1)
 
-    m = results["minimal_paced"]
-    for sync in ("full", "normal"):
-        a = results[f"agent_{sync}"]
-        r = {
-            "p50": round(a["paced"]["p50_ms"] / m["p50_ms"], 2),
-            "p99": round(a["paced"]["p99_ms"] / m["p99_ms"], 2),
-            "throughput": round(
-                a["burst"]["answers_per_s"] / max(1, results["minimal_burst"]["answers_per_s"]), 2
-            ),
-            "rss": round(a["rss_mb"] / results["bare_rss_mb"], 2),
-        }
-        a["ratios"] = r
-        a["targets"] = {
-            "p50 <= 1.2x": r["p50"] <= 1.2,
-            "p99 <= 1.5x": r["p99"] <= 1.5,
-            "throughput >= 1.5x": r["throughput"] >= 1.5,
-            "rss <= 1.25x": r["rss"] <= 1.25,
-            "first prediction <= 1.0 s": a["start_to_first_prediction_s"] <= 1.0,
-        }
+    results |= summarize(rounds, results["bare_rss_mb"])
+    results["per_round"] = rounds
     results["loadavg_at_end"] = os.getloadavg()  # other work on the shared cores skews it
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1) + "\n")
-    print(json.dumps(results, indent=1))
+    print(json.dumps({k: v for k, v in results.items() if k != "per_round"}, indent=1))
 
 
 if __name__ == "__main__":
