@@ -42,6 +42,7 @@ import sqlite3
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -95,13 +96,15 @@ def _make_agent(config_path: Path, journal: _Journal) -> Any:
     class JournalingAgent(Agent):
         """The real agent; only the hand-off of predictions to the outbox is observed."""
 
-        def _store_predictions(self, items: list[tuple[str, bytes]]) -> None:
+        def _store_predictions(
+            self, items: list[tuple[str, bytes]], on_sent: Callable[[], None] | None = None
+        ) -> None:
             got = [  # per outbox entry (message): [seq, index] per prediction in it
                 [[int(p["seq"]), index_of(p)] for p in predictions_in(json.loads(payload))]
                 for _topic, payload in items
             ]
             journal.write({"k": "intent", "items": got})
-            super()._store_predictions(items)
+            super()._store_predictions(items, on_sent)
             journal.write({"k": "ok", "items": got})
 
         def emit(self, kind: str, code: str, message: str, **context: Any) -> None:
