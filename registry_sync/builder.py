@@ -61,24 +61,17 @@ class _Failure:
 
 def _deterministic(exc: Exception) -> bool:
     """Would converting the same artifact with the same settings fail the same way?"""
-    from converter.errors import (
-        CalibrationDataError,
-        ConversionFailed,
-        InputSpecError,
-        ParityError,
-        UnsupportedModelError,
-        VariantNotApplicable,
-    )
+    from converter import errors
 
     return isinstance(
         exc,
         (
-            CalibrationDataError,
-            ConversionFailed,
-            InputSpecError,
-            ParityError,
-            UnsupportedModelError,
-            VariantNotApplicable,
+            errors.CalibrationDataError,
+            errors.ConversionFailed,
+            errors.InputSpecError,
+            errors.ParityError,
+            errors.UnsupportedModelError,
+            errors.VariantNotApplicable,
         ),
     )
 
