@@ -64,6 +64,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+_ROUTE_CACHE = 4096  # distinct input topics remembered with their models
+
 # Error sink: (kind, message fields) -> None; the agent rate-limits and publishes.
 ErrorSink = Callable[[str, dict[str, Any]], None]
 
@@ -92,6 +94,12 @@ class LoadedModel:
     drift: DriftMonitor | None
     health: HealthWindow | None = None
     health_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    # The model fields of every predictions message, built once (read per message).
+    wire_fields: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.wire_fields = self.describe()
 
     def describe(self) -> dict[str, Any]:
         m = self.manifest
@@ -258,7 +266,7 @@ def infer(loaded: LoadedModel, messages: Sequence[tuple[str, Sequence[Row]]]) ->
     answers = []
     for m, (topic, rows) in enumerate(messages):
         picks = per_message[m] if outputs else []
-        out = _slice(loaded, outputs, picks) if picks else None
+        out = _slice(loaded, outputs, picks, finite=not nan_rows) if picks else None
         answered = [owner[enforced.rows[i]][1] for i in picks]
         answers.append(Answer(topic, _source_meta(rows), out, answered, errors[m], latency_ms))
     return Inferred(answers, nan_rows, failed, enforced.x, outputs)
@@ -276,8 +284,10 @@ def _non_finite_rows(outputs: Mapping[str, np.ndarray]) -> int:
 
 
 def _slice(
-    loaded: LoadedModel, outputs: Mapping[str, np.ndarray], picks: list[int]
+    loaded: LoadedModel, outputs: Mapping[str, np.ndarray], picks: list[int], *, finite: bool
 ) -> dict[str, list[Any]]:
+    """The outputs of rows ``picks`` as JSON-ready lists (``finite``: every output value
+    is already known to be finite, no second check)."""
     classes = loaded.manifest.classes
     out: dict[str, list[Any]] = {}
     for name, value in outputs.items():
@@ -289,7 +299,7 @@ def _slice(
             out[name] = [
                 classes[i] if 0 <= i < len(classes) else i for i in part.astype(np.int64).tolist()
             ]
-        elif part.dtype.kind == "f" and not np.isfinite(part).all():
+        elif not finite and part.dtype.kind == "f" and not np.isfinite(part).all():
             out[name] = _finite_or_none(part.tolist())  # JSON has no NaN
         else:
             out[name] = part.tolist()
@@ -303,7 +313,7 @@ def _finite_or_none(value: Any) -> Any:
 
 
 # store(predictions, on_sent): on_sent() runs once they are on the wire (or queued
-# behind older messages), before the commit's fsync.
+# behind older messages), before they are written to the outbox.
 StorePredictions = Callable[[list[tuple[str, bytes]], Callable[[], None] | None], None]
 
 
@@ -338,6 +348,9 @@ class InferenceEngine:
         self._models: dict[str, LoadedModel] = {}
         self._lock = threading.Lock()
         self._routes = [(t, m.name) for m in config.models for t in m.input_topics]
+        # topic -> models reading it: matched once per topic, not per message (bounded
+        # like the MQTT link's own cache: topics come from the broker).
+        self._route_cache: dict[str, list[str]] = {}
         self._output_topics = {m.name: m.output_topic or prediction_topic for m in config.models}
         self.unrouted = 0
         self._drift = _DriftBuffer(telemetry)
@@ -422,7 +435,7 @@ class InferenceEngine:
         by_model: dict[str, list[tuple[_Item, list[Row]]]] = {}
         limit = self.config.limits.max_payload_bytes
         for item in items:
-            names = [m for t, m in self._routes if topic_matches(t, item.topic)]
+            names = self._models_for(item.topic)
             if not names:
                 self.unrouted += 1
                 self._on_error(
@@ -449,6 +462,15 @@ class InferenceEngine:
         finally:
             for step in after:  # bookkeeping (stats, health, drift) off the latency path
                 step()
+
+    def _models_for(self, topic: str) -> list[str]:
+        names = self._route_cache.get(topic)
+        if names is None:
+            names = [m for t, m in self._routes if topic_matches(t, topic)]
+            if len(self._route_cache) >= _ROUTE_CACHE:
+                self._route_cache.clear()
+            self._route_cache[topic] = names
+        return names
 
     def _mark_sent(self) -> None:
         self._sent_at = time.perf_counter()
@@ -505,7 +527,7 @@ class InferenceEngine:
         envelope = {
             "ts": time.time(),
             "device": self.config.device_id,
-            **loaded.describe(),
+            **loaded.wire_fields,
             "latency_ms": round(latency, 4),
         }
         if len(entries) == 1 or not self.config.batching.group_predictions:

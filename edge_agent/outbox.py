@@ -22,13 +22,16 @@ Contract (stated plainly, like Greengrass stream manager does):
   micro-batch). Deletes of acknowledged entries commit without an fsync of their own: a
   lost *delete* only causes a duplicate, which the contract allows, and the next FULL
   commit syncs it anyway (WAL order).
-- **Send during the fsync.** ``OutboxPump.put_and_send`` (the agent's micro-batch path)
-  hands the new entries to the link inside the transaction, before the COMMIT, when
-  nothing older is waiting: the network round trip overlaps the fsync. An entry is still
-  deleted only after its commit *and* its PUBACK (the delete waits for the lock the
-  commit holds). A power cut during that fsync loses only what was not yet durable --
-  exactly what it lost before, when the prediction was still in memory -- and whatever
-  of it reached the broker is delivered, not lost.
+- **Send, then store.** ``OutboxPump.put_and_send`` (the agent's micro-batch path)
+  hands the new entries to the link just before their transaction, with the ids they
+  are about to get, when nothing older is waiting: neither the insert nor the commit's
+  fsync delays the prediction, and the network round trip overlaps them. An entry is
+  still deleted only after its commit *and* its PUBACK (the delete waits for the lock the
+  commit holds; an early PUBACK only queues the id). A power cut before the commit
+  returns loses only what was not yet durable -- exactly what it lost before, when the
+  prediction was still in memory -- and whatever of it reached the broker is delivered,
+  not lost. Ids come from a counter kept above every id ever used and are never given
+  back, so an id on the wire names one message only.
 
 Threads: writers call ``put``/``put_many`` (the agent's batch worker
 ``OutboxPump.put_and_send``, which also publishes); one pump thread publishes the rest and
@@ -69,8 +72,11 @@ INSERT OR IGNORE INTO counters (name, value) VALUES ('dropped', 0);
 """
 
 
+# Ids are given, not left to SQLite: the fast path publishes a row before its
+# transaction starts, so it must know the id the row will have (see put_many).
 _INSERT = (
-    "INSERT INTO entries (topic, payload, qos, retain, created, size) VALUES (?, ?, ?, ?, ?, ?)"
+    "INSERT INTO entries (id, topic, payload, qos, retain, created, size)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -114,6 +120,13 @@ class Outbox:
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])
+        # The next id: above every id ever used (AUTOINCREMENT's record survives deletes),
+        # so a restart never reuses the id of an entry a consumer may have seen.
+        row = self._db.execute(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'entries'), 0),"
+            " COALESCE((SELECT MAX(id) FROM entries), 0))"
+        ).fetchone()
+        self._next_id = int(row[0]) + 1
         self._listeners: list[Callable[[], None]] = []
 
     # ---- writers -------------------------------------------------------------------
@@ -131,11 +144,12 @@ class Outbox:
     ) -> int:
         """Store messages in one transaction (one fsync); returns how many were kept.
 
-        ``before_commit(entries)`` (the pump's fast path) runs inside the transaction,
-        after the rows have their ids and before the COMMIT (the fsync): it may hand them
-        to the network so the round trip overlaps the fsync. Nothing can delete them
-        before the commit (deletes need this lock). If the commit fails the exception
-        propagates and the caller must forget what it sent (the ids will be reused). With
+        ``before_commit(entries)`` (the pump's fast path) runs under the outbox lock with
+        the ids the rows are about to get, before the transaction starts: it may hand them
+        to the network, so that neither the insert nor the commit's fsync delays them.
+        Nothing can delete them before the commit (deletes need this lock; an early PUBACK
+        only queues the id). If the transaction fails the exception propagates and the
+        caller must forget what it sent (those ids are not used again). With
         ``before_commit`` the listeners are not notified: the caller wakes who it must.
         ``acked``: ids of acknowledged entries to delete in the same transaction (one
         commit per micro-batch for both, instead of one each)."""
@@ -155,29 +169,27 @@ class Outbox:
             incoming -= rows.pop(0)[5]
             too_big += 1
         with self._lock:
+            # Ids are taken (and never given back) before anything can fail, so an id
+            # handed to the network belongs to one message only.
+            first, self._next_id = self._next_id, self._next_id + len(rows)
+            if before_commit is not None and rows:
+                before_commit([
+                    Entry(first + k, r[0], r[1], r[2], bool(r[3]), r[4], r[5])
+                    for k, r in enumerate(rows)
+                ])
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 dropped = too_big + self._make_room(incoming)
-                if len(rows) == 1:  # the low-load case: one statement, its id at hand
-                    last = self._db.execute(_INSERT, rows[0]).lastrowid or 0
+                if len(rows) == 1:  # the low-load case: one statement
+                    self._db.execute(_INSERT, (first, *rows[0]))
                 else:
-                    self._db.executemany(_INSERT, rows)
-                    last = 0
+                    self._db.executemany(
+                        _INSERT, [(first + k, *r) for k, r in enumerate(rows)]
+                    )
                 if dropped:
                     self._db.execute(
                         "UPDATE counters SET value = value + ? WHERE name = 'dropped'", (dropped,)
                     )
-                if before_commit is not None and rows:
-                    # One connection under our lock, one transaction: the ids are
-                    # consecutive and end at last_insert_rowid().
-                    if not last:
-                        row = self._db.execute("SELECT last_insert_rowid()").fetchone()
-                        last = int(row[0])
-                    first = last - len(rows) + 1
-                    before_commit([
-                        Entry(first + k, r[0], r[1], r[2], bool(r[3]), r[4], r[5])
-                        for k, r in enumerate(rows)
-                    ])
                 if acked:  # after the hand-off: off the latency path, still one commit
                     self._delete_ids(acked)
                 self._db.execute("COMMIT")
@@ -218,6 +230,13 @@ class Outbox:
     def _recount(self) -> None:
         row = self._db.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries").fetchone()
         self._depth, self._bytes = int(row[0]), int(row[1])
+        # The next id: above every id ever used (AUTOINCREMENT's record survives deletes),
+        # so a restart never reuses the id of an entry a consumer may have seen.
+        row = self._db.execute(
+            "SELECT MAX(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'entries'), 0),"
+            " COALESCE((SELECT MAX(id) FROM entries), 0))"
+        ).fetchone()
+        self._next_id = int(row[0]) + 1
 
     # ---- the pump's side -------------------------------------------------------------
 
@@ -350,7 +369,7 @@ class OutboxPump:
         self.idle_wait = idle_wait
         self._acked: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
         # id -> token of its publication: an ack deletes only the publication it
-        # belongs to (ids of a rolled-back transaction are reused by SQLite).
+        # belongs to (an entry published again after a reconnect is a new publication).
         self._inflight: dict[int, int] = {}
         self._token = 0
         # Highest id handed to the link. Starts at 0: after a restart every entry still
@@ -401,11 +420,11 @@ class OutboxPump:
         items: Sequence[tuple[str, bytes, int, bool]],
         on_sent: Callable[[], None] | None = None,
     ) -> int:
-        """Store ``items`` durably and publish them on the caller's thread, the network
-        round trip overlapping the commit's fsync when nothing older waits; whatever
-        could not go now is left to the pump thread. Returns how many were stored.
-        ``on_sent()`` runs once the messages are on the wire (or left to the pump, when
-        older ones wait), before the commit's fsync."""
+        """Publish ``items`` on the caller's thread when nothing older waits, then store
+        them durably (the network round trip overlapping the insert and the commit's
+        fsync); whatever could not go now is left to the pump thread. Returns how many
+        were stored. ``on_sent()`` runs once the messages are on the wire (or left to the
+        pump, when older ones wait), before the transaction."""
         with self._turn:
             acked = self._take_acked()
             cursor = self._cursor
@@ -420,7 +439,7 @@ class OutboxPump:
                 stored = self.outbox.put_many(items, before_commit=send, acked=acked)
             except BaseException:
                 self._requeue(acked)
-                for entry in sent:  # rolled back: SQLite reuses these ids, forget them
+                for entry in sent:  # rolled back: these ids will never exist, forget them
                     self._inflight.pop(entry.id, None)
                 self._cursor = cursor
                 raise

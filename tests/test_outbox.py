@@ -340,28 +340,34 @@ def test_put_and_send_leaves_what_exceeds_the_window_to_the_pump(tmp_path: Path)
     box.close()
 
 
-def test_a_rolled_back_send_never_deletes_the_entry_that_reuses_its_id(tmp_path: Path) -> None:
+def test_a_failed_send_never_lends_its_ids_to_another_entry(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db", max_bytes=100_000)
 
     def fail_second(_topic: str, payload: bytes) -> None:
         if payload == b"doomed:1":
-            raise RuntimeError("disk or link trouble mid-transaction")
+            raise RuntimeError("disk or link trouble before the commit")
 
     link = _ScriptedLink(check=fail_second)
     pump = OutboxPump(box, link)
     with pytest.raises(RuntimeError):
         pump.put_and_send([("out/a", b"doomed:0", 1, False), ("out/a", b"doomed:1", 1, False)])
     assert box.depth() == 0 and pump.in_flight() == 0
-    stale = link.sent[0][1]  # "doomed:0" went out before the rollback
-    pump.put_and_send([("out/a", b"fresh", 1, False)])  # SQLite reuses the id
-    assert box.oldest(0, 10)[0].id == 1
-    stale.ack()  # the broker acknowledges the rolled-back publication
+    stale = link.sent[0][1]  # "doomed:0" went out before the failure
+    pump.put_and_send([("out/a", b"fresh", 1, False)])
+    assert box.oldest(0, 10)[0].id == 3  # ids 1 and 2 are never used again
+    stale.ack()  # the broker acknowledges the failed publication
     pump.pump_once()
     assert [e.payload for e in box.oldest(0, 10)] == [b"fresh"]  # not deleted
+    assert link.sent[-1][0] == b"fresh"  # the pump sent it (the gap paused the fast path)
     link.sent[-1][1].ack()
     pump.pump_once()
     assert box.depth() == 0
     box.close()
+    # A restart continues above every id ever used, even with the outbox empty.
+    reopened = Outbox(tmp_path / "o.db", max_bytes=100_000)
+    reopened.put("out/a", b"after")
+    assert reopened.oldest(0, 10)[0].id == 4
+    reopened.close()
 
 
 def test_deletes_skip_their_own_fsync_but_puts_stay_full(tmp_path: Path) -> None:
