@@ -239,7 +239,9 @@ def test_no_signature_and_no_input_example_is_refused(
         LogisticRegression().fit(X, X[:, 0] > 0), X[:1], options={"zipmap": False}, target_opset=17
     )
     with mlflow.start_run():
-        mlflow.onnx.log_model(proto, name="m", registered_model_name=model_name)
+        mlflow.onnx.log_model(
+            proto, name="m", registered_model_name=model_name, pip_requirements=["onnxruntime"]
+        )
     result = _run(f"models:/{model_name}/1", "--out", str(tmp_path), "--variant", "onnx-fp32")
     assert result.exit_code == 2
     assert "no signature and no input example" in result.stderr
@@ -263,6 +265,7 @@ def test_string_inputs_are_refused_with_the_column_named(
             registered_model_name=model_name,
             signature=signature,
             serialization_format="cloudpickle",
+            pip_requirements=["scikit-learn", "cloudpickle"],
         )
     result = _run(f"models:/{model_name}/1", "--out", str(tmp_path), "--variant", "onnx-fp32")
     assert result.exit_code == 2

@@ -32,6 +32,7 @@ def test_onnx_flavor_model_converts_to_onnx_variants(
             registered_model_name=model_name,
             signature=infer_signature(X, y),
             input_example=X[:3],
+            pip_requirements=mlflow.onnx.get_default_pip_requirements(),  # no inference run
         )
     result = convert(
         f"models:/{model_name}/1",
@@ -79,6 +80,7 @@ def test_keras_model_converts_to_every_tflite_variant(
             name="m",
             registered_model_name=model_name,
             signature=infer_signature(X, model.predict(X[:5], verbose=0)),
+            pip_requirements=["tensorflow"],  # stated: no inference subprocess
         )
     calibration = tmp_path / "calibration.npy"
     np.save(calibration, X[:300])

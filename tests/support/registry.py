@@ -49,6 +49,12 @@ class Registry:
             kwargs["serialization_format"] = serialization_format
         if serialization_format in (None, "skops"):
             kwargs["skops_trusted_types"] = _skops_trusted_types(model)
+        # Stated, so MLflow does not start a subprocess to infer them (~2 s a call, most
+        # of a log call's time); the same list MLflow's inference settles on.
+        kwargs["pip_requirements"] = mlflow.sklearn.get_default_pip_requirements(
+            include_cloudpickle=serialization_format == "cloudpickle",
+            include_skops=serialization_format in (None, "skops"),
+        )
         with mlflow.start_run():
             return mlflow.sklearn.log_model(
                 model, name=name, registered_model_name=registered_name, **kwargs
