@@ -264,9 +264,7 @@ class Agent:
         link = self.link
         if link is None:
             return
-        acked = [link.ack(m) for m in messages if isinstance(m, Message)]
-        if any(acked):
-            link.flush()
+        link.ack_many([m for m in messages if isinstance(m, Message)])
 
     # ---- messages out -----------------------------------------------------------------
 

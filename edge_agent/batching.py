@@ -26,17 +26,23 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 __all__ = ["MicroBatcher", "collect"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+
+class _Source(Protocol[T_co]):
+    def get_nowait(self) -> T_co: ...
+    def get(self, block: bool = True, timeout: float | None = None) -> T_co: ...
 
 
 def collect(
-    source: queue.Queue[T], first: T, *, max_rows: int, window_s: float,
+    source: _Source[T], first: T, *, max_rows: int, window_s: float,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[T]:
     """A batch starting with ``first``: everything already queued (up to ``max_rows``),
@@ -77,7 +83,10 @@ class MicroBatcher(Generic[T]):
         self._run = run
         self.window_s = window_ms / 1000.0
         self.max_rows = max_rows
-        self._queue: queue.Queue[T] = queue.Queue(maxsize=max_queue)
+        # A SimpleQueue (C, no condition variable) bounded by hand: one producer (the
+        # network thread) submits, so the size check cannot race another producer.
+        self._queue: queue.SimpleQueue[T] = queue.SimpleQueue()
+        self.max_queue = max_queue
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0
@@ -95,13 +104,11 @@ class MicroBatcher(Generic[T]):
 
     def submit(self, item: T) -> bool:
         """Queue one row; False if the queue is full (never blocks the MQTT thread)."""
+        if self._queue.qsize() >= self.max_queue:
+            return False
         with self._count_lock:
             self._outstanding += 1
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:
-            self._finished(1)
-            return False
+        self._queue.put(item)
         return True
 
     def run_now(self, item: T) -> bool:

@@ -36,6 +36,7 @@ import random
 import select
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections import Counter
@@ -365,22 +366,38 @@ class MqttLink:
         self.stats["published"] += 1
         return handle
 
+    def ack_many(self, messages: list[Message]) -> int:
+        """Acknowledge several ``manual`` messages (any thread) and push the PUBACKs out:
+        one write for all of them, from the calling thread when it can (plain TCP),
+        otherwise one wake-up of the network thread. Returns how many were acknowledged;
+        the rules of ``ack`` apply to each."""
+        client = self._client
+        mids: list[int] = []
+        for message in messages:
+            if message.qos == 0 or message.mid == 0:
+                continue
+            if message.session != self._session or not self.connected:
+                self.stats["stale_acks"] += 1
+                continue
+            mids.append(message.mid)
+        if not mids:
+            return 0
+        if isinstance(client, _Client):
+            client.queue_pubacks(mids)
+            if not self.flush():
+                client.wake()
+        else:
+            for mid in mids:  # QoS 1: subscriptions never ask for 2
+                client.ack(mid, 1)
+        return len(mids)
+
     def ack(self, message: Message) -> bool:
         """Acknowledge a message received on a ``manual`` subscription (any thread).
 
         An ack for a message of an earlier connection is dropped: the broker redelivers
-        that message on the new one, where it is acknowledged in turn. True if queued
-        (``flush`` pushes it out from the calling thread)."""
-        if message.qos == 0 or message.mid == 0:
-            return False
-        if message.session != self._session or not self.connected:
-            self.stats["stale_acks"] += 1
-            return False
-        rc = self._client.ack(message.mid, message.qos)
-        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            self.stats["ack_errors"] += 1
-            return False
-        return True
+        that message on the new one, where it is acknowledged in turn. True if sent (or
+        queued for the network thread)."""
+        return self.ack_many([message]) == 1
 
     def input_waiting(self) -> bool:
         """More bytes from the broker are already waiting on the socket (evidence of
@@ -468,6 +485,8 @@ class MqttLink:
         self._thread.start()
 
     def _run(self, generation: int) -> None:
+        if isinstance(self._client, _Client):
+            self._client.loop_thread = threading.get_ident()
         while not self._stop.is_set() and generation == self._generation:
             self._beat = time.monotonic()
             try:
@@ -635,6 +654,8 @@ class _Client(paho.Client):
         # fills this buffer and paho's small reads are served from it.
         self._rbuf = b""
         self._rpos = 0
+        # The thread that runs loop() (MqttLink's network thread), see _packet_queue.
+        self.loop_thread: int | None = None
         # The TLS alert that ended the last connection (a broker refusing a missing or
         # untrusted client certificate alerts after the handshake, on the first read;
         # paho only logs it), so that a failed first connection can say why.
@@ -671,6 +692,49 @@ class _Client(paho.Client):
             rc = super().loop_read(1)
         return rc
 
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: paho.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        if threading.get_ident() != self.loop_thread:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        # Queued by the network thread itself (a lone message answered inline, the ack of
+        # an input): it is not waiting in select(), so paho's wake-up byte on its socket
+        # pair would cost a send() before the packet's own and an idle select()+recv()
+        # turn afterwards. Another thread queuing meanwhile needs no wake-up either: the
+        # network thread is awake and sees the queued packet when it returns to select().
+        wake, self._sockpairW = self._sockpairW, None
+        try:
+            return super()._packet_queue(command, packet, mid, qos, info)
+        finally:
+            if self._sockpairW is None and wake is not None and wake.fileno() != -1:
+                self._sockpairW = wake
+
+    def queue_pubacks(self, mids: list[int]) -> None:
+        """Queue the PUBACKs of ``mids`` as ONE packet write (MQTT 3.1.1's PUBACK is fixed:
+        0x40, length 2, the message id; paho keeps no state for inbound QoS 1). paho's
+        ``ack()`` queues each on its own -- a send() per ack and, from a thread other than
+        the network thread, a wake-up byte per ack -- which under load costs more than
+        answering the message. The caller writes it (``write_now``) or ``wake``s."""
+        packet = b"".join([_PUBACK.pack(paho.PUBACK, 2, mid) for mid in mids])
+        self._out_packet.append({
+            "command": paho.PUBACK, "mid": 0, "qos": 0, "pos": 0,
+            "to_process": len(packet), "packet": packet, "info": None,
+        })
+
+    def wake(self) -> None:
+        """Make the network thread leave select() to write what is queued (unless the
+        caller is that thread: it will see the queue when it gets back to select())."""
+        pair = self._sockpairW
+        if pair is None or threading.get_ident() == self.loop_thread:
+            return
+        with contextlib.suppress(OSError):  # full (a wake-up is pending anyway) or closed
+            pair.send(b"0")
+
     # Everything that writes to, closes or replaces the socket holds the write lock, so
     # a flush can never write to a closed socket, a reused descriptor or a new
     # connection before its CONNECT.
@@ -704,6 +768,9 @@ class _Client(paho.Client):
         finally:
             self._write_lock.release()
         return True
+
+
+_PUBACK = struct.Struct("!BBH")  # fixed header, remaining length 2, message id
 
 
 def _ignore_socket(_client: paho.Client, _userdata: object, _sock: Any) -> None:

@@ -360,7 +360,6 @@ def test_manual_ack_holds_back_the_puback_until_ack(
     assert wait_until(lambda: len(got) >= 3, 10)
     assert [m.payload for m in got] == [b"w0", b"w1", b"w2"]
     assert all(second.ack(m) for m in got)
-    second.flush()
     time.sleep(0.3)  # the PUBACKs reach the broker
     second.stop()
 
@@ -377,6 +376,68 @@ def test_manual_ack_holds_back_the_puback_until_ack(
     broker.restart()
     assert wait_until(lambda: third.stats["connects"] >= 2 and third.connected, 20)
     assert not third.ack(again[0]) and third.stats["stale_acks"] == 1
+
+
+def test_ack_many_sends_every_puback_and_only_those(
+    broker: MosquittoBroker,
+    links,  # type: ignore[no-untyped-def]
+) -> None:
+    _ack_many_round_trip(lambda cid: links(broker.url, cid))
+
+
+def test_ack_many_over_tls_wakes_the_network_thread_to_write(
+    tmp_path: Path,
+    links,  # type: ignore[no-untyped-def]
+) -> None:
+    # On TLS only the network thread may write: the acks are queued and it is woken.
+    from tests.support.broker import running_broker
+
+    with running_broker(tmp_path / "tls", tls=True, require_certificate=True) as tls_broker:
+        files = tls_broker.tls_files
+        assert files is not None
+
+        def make(cid: str) -> MqttLink:
+            cert, key = files.client_pair(cid)
+            link: MqttLink = links(tls_broker.url, cid, ca=files.ca_cert, cert=cert, key=key)
+            return link
+
+        _ack_many_round_trip(make)
+
+
+def _ack_many_round_trip(make: Callable[[str], MqttLink]) -> None:
+    """The coalesced PUBACK write: of 40 held messages the 30 acknowledged in three
+    ``ack_many`` calls (from a thread other than the network thread) never come back,
+    the 10 others do, in order. (The broker keeps at most 20 unacknowledged in flight,
+    so each call also lets the next messages through.)"""
+    first = make("many-acker")
+    first.subscribe("work/many", lambda _m: None, ack="manual")
+    first.start(wait=10)
+    first.stop()
+    sender = make("many-sender")
+    sender.start(wait=10)
+    for i in range(40):
+        sender.publish("work/many", f"m{i}".encode(), qos=1)
+    assert wait_until(lambda: sender.in_flight() == 0, 10)
+
+    got: list[Message] = []
+    second = make("many-acker")
+    second.subscribe("work/many", got.append, ack="manual")
+    second.start(wait=10)
+    for start in (0, 10, 20):
+        assert wait_until(lambda: len(got) >= start + 10, 10)  # noqa: B023
+        assert second.ack_many(got[start : start + 10]) == 10
+    assert wait_until(lambda: len(got) == 40, 10)
+    assert [m.payload for m in got] == [f"m{i}".encode() for i in range(40)]
+    time.sleep(0.3)  # the PUBACKs reach the broker
+    second.stop()
+
+    again: list[Message] = []
+    third = make("many-acker")
+    third.subscribe("work/many", again.append, ack="manual")
+    third.start(wait=10)
+    assert wait_until(lambda: len(again) >= 10, 10)
+    time.sleep(0.5)
+    assert [m.payload for m in again] == [f"m{i}".encode() for i in range(30, 40)]
 
 
 def test_auto_ack_subscription_is_acknowledged_after_its_handler(
