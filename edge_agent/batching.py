@@ -14,9 +14,12 @@ dominates latency at low load. The caller decides when that is safe (nothing els
 waiting on the socket, a fast model); the batcher guarantees order: a row runs inline
 only when no earlier row is queued or in progress.
 
-The queue is bounded: ``submit`` returns False when it is full (the caller counts an
-"overload" error) instead of growing memory without limit. Exceptions from ``run`` are
-logged and counted; the worker keeps going.
+The queue is bounded: a ``submit`` to a full queue waits for room up to ``wait_s``
+(the caller, the MQTT thread, stops reading its socket meanwhile: back-pressure), then
+returns False (the caller counts an "overload" error) instead of growing memory
+without limit. After one such timeout (a worker that no longer drains) it refuses at
+once until the worker has made room, so the caller is not held ``wait_s`` per message.
+Exceptions from ``run`` are logged and counted; the worker keeps going.
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ class MicroBatcher(Generic[T]):
         # network thread) submits, so the size check cannot race another producer.
         self._queue: queue.SimpleQueue[T] = queue.SimpleQueue()
         self.max_queue = max_queue
+        self._room = threading.Event()  # set by the worker whenever it takes rows
+        self._stuck = False  # a wait for room timed out; refuse until room is made
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.batches = 0
@@ -102,9 +107,10 @@ class MicroBatcher(Generic[T]):
         self._thread = threading.Thread(target=self._work, name="micro-batcher", daemon=True)
         self._thread.start()
 
-    def submit(self, item: T) -> bool:
-        """Queue one row; False if the queue is full (never blocks the MQTT thread)."""
-        if self._queue.qsize() >= self.max_queue:
+    def submit(self, item: T, *, wait_s: float = 0.0) -> bool:
+        """Queue one row; when the queue is full wait up to ``wait_s`` for room, then
+        False."""
+        if self._queue.qsize() >= self.max_queue and not self._wait_for_room(wait_s):
             return False
         with self._count_lock:
             self._outstanding += 1
@@ -123,6 +129,21 @@ class MicroBatcher(Generic[T]):
             self.inline += 1
         finally:
             self._finished(1)
+        return True
+
+    def _wait_for_room(self, wait_s: float) -> bool:
+        if self._stuck and not self._room.is_set():
+            return False
+        self._stuck = False
+        deadline = time.monotonic() + wait_s
+        while self._queue.qsize() >= self.max_queue:
+            self._room.clear()
+            if self._queue.qsize() < self.max_queue:
+                break  # room was made between the check and the clear
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._room.wait(remaining):
+                self._stuck = wait_s > 0
+                return False
         return True
 
     def idle(self) -> bool:
@@ -158,6 +179,7 @@ class MicroBatcher(Generic[T]):
                     return
                 continue
             batch = collect(self._queue, first, max_rows=self.max_rows, window_s=self.window_s)
+            self._room.set()
             try:
                 self._run_guarded(batch)
             finally:

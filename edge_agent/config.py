@@ -118,6 +118,11 @@ class BatchingConfig:
     inline_max_ms: float = 5.0
     # The answers of one micro-batch go out as one predictions message (protocol 8.4).
     group_predictions: bool = True
+    # Rows received and not yet answered, at most (memory bound). A full queue makes the
+    # MQTT thread wait (TCP back-pressure on the broker) up to queue_wait_ms, then the
+    # row is refused as "overload" and left unacknowledged.
+    max_queue: int = 10_000
+    queue_wait_ms: float = 1000.0
 
 
 @dataclass(frozen=True)
@@ -404,6 +409,10 @@ def _batching(table: _Table) -> BatchingConfig:
             table.number("inline_max_ms", d.inline_max_ms, low=0, high=1000)
         ),
         group_predictions=table.boolean("group_predictions", d.group_predictions),
+        max_queue=table.number("max_queue", d.max_queue, low=1, high=10_000_000, integer=True),
+        queue_wait_ms=float(
+            table.number("queue_wait_ms", d.queue_wait_ms, low=0, high=60_000)
+        ),
     )
     table.done()
     return batching

@@ -359,7 +359,9 @@ class InferenceEngine:
             self._run_batch,
             window_ms=config.batching.window_ms,
             max_rows=config.batching.max_rows,
+            max_queue=config.batching.max_queue,
         )
+        self._queue_wait_s = config.batching.queue_wait_ms / 1000.0
 
     # ---- models -----------------------------------------------------------------
 
@@ -389,9 +391,13 @@ class InferenceEngine:
         return sorted({t for t, _m in self._routes})
 
     def submit(self, topic: str, payload: bytes, token: Any = None) -> None:
-        """Enqueue one message for the batch worker (never blocks). A message refused
-        because the queue is full is reported and NOT acknowledged: the broker keeps it."""
-        if not self._batcher.submit(_Item(topic, payload, time.monotonic(), token)):
+        """Enqueue one message for the batch worker. A full queue makes the caller (the
+        MQTT thread) wait for room up to ``batching.queue_wait_ms``: it stops reading the
+        socket, so TCP back-pressure holds the broker's stream (a broker does not always
+        keep to its in-flight window). A message still refused is reported and NOT
+        acknowledged: the broker keeps it (and redelivers it on the next connection)."""
+        item = _Item(topic, payload, time.monotonic(), token)
+        if not self._batcher.submit(item, wait_s=self._queue_wait_s):
             self._on_error("overload", {"topic": topic, "reason": "input queue is full"})
 
     def run_now(self, topic: str, payload: bytes, token: Any = None) -> bool:

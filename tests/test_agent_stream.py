@@ -76,6 +76,25 @@ def test_hot_swap_under_stream_drops_nothing(world: World) -> None:
     assert versions == sorted(versions) and {1, 2} == set(versions)  # swapped mid-stream
 
 
+def test_a_burst_beyond_the_input_queue_is_held_back_not_refused(world: World) -> None:
+    """With room for 20 rows the broker's in-flight window (100 here, and Mosquitto does
+    not always keep to it) overruns the queue: the MQTT thread waits for room, so TCP
+    back-pressure holds the stream and every message is answered once, none refused."""
+    path = world.write_config()
+    path.write_text(path.read_text() + "[batching]\nmax_queue = 20\n")
+    agent = world.start_agent()
+    world.deploy("v1", version=1, sequence=1)
+    world.wait_event("activated")
+    n = 1500
+    for i in range(n):
+        world.send(i)
+    assert wait_until(lambda: len(world.predictions()) >= n, 30), len(world.predictions())
+    time.sleep(0.2)  # a duplicate would show up now
+    ids = [p["source"]["id"] for p in world.predictions()]
+    assert sorted(ids, key=lambda s: int(s[1:])) == [f"m{i}" for i in range(n)]
+    assert agent.input_errors["overload"] == 0 and not world.col.events("overload")
+
+
 def test_broker_killed_mid_stream_loses_no_prediction(durable_world: World) -> None:
     world = durable_world
     agent = world.start_agent()

@@ -113,3 +113,40 @@ def test_full_queue_refuses_and_run_errors_do_not_stop_the_worker() -> None:
         batcher.stop()
     assert batcher.run_errors == 1
     assert [r for b in seen for r in b] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_full_queue_waits_for_room_then_refuses_at_once_while_the_worker_is_stuck() -> None:
+    gate = threading.Event()
+    batcher: MicroBatcher[int] = MicroBatcher(
+        lambda _b: gate.wait(30), window_ms=0, max_rows=1, max_queue=2
+    )
+    batcher.start()
+    try:
+        assert batcher.submit(0)  # taken by the worker, which then blocks on the gate
+        assert wait_until(lambda: batcher.pending() == 0, 5)
+        assert batcher.submit(1) and batcher.submit(2)  # the queue is full now
+        done: list[bool] = []
+        waiter = threading.Thread(target=lambda: done.append(batcher.submit(3, wait_s=30)))
+        waiter.start()
+        time.sleep(0.2)
+        assert done == []  # held back, not refused
+        gate.set()  # the worker drains: room is made
+        waiter.join(10)
+        assert done == [True]
+        assert wait_until(lambda: batcher.rows == 4, 5)
+        # A worker that stops draining: the wait times out once, then refusals are at once.
+        gate.clear()
+        assert batcher.submit(4)
+        assert wait_until(lambda: batcher.pending() == 0, 5)
+        assert batcher.submit(5) and batcher.submit(6)
+        assert not batcher.submit(7, wait_s=0.2)
+        started = time.monotonic()
+        assert not batcher.submit(8, wait_s=30)
+        assert time.monotonic() - started < 5  # not another 30 s wait
+        gate.set()
+        assert wait_until(lambda: batcher.rows == 7, 5)
+        assert batcher.submit(9, wait_s=30)  # room again: accepted
+        assert wait_until(lambda: batcher.rows == 8, 5)
+    finally:
+        gate.set()
+        batcher.stop()

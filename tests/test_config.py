@@ -230,6 +230,9 @@ ERRORS = [
         '[batching]\ngroup_predictions = "yes"',
         "[batching].group_predictions: expected true or false",
     ),
+    ("[batching]", "[batching]\nmax_queue = 0", "[batching].max_queue: must be"),
+    ("[batching]", "[batching]\nmax_queue = 2.5", "[batching].max_queue: expected an integer"),
+    ("[batching]", "[batching]\nqueue_wait_ms = -5", "[batching].queue_wait_ms: must be"),
 ]
 
 
