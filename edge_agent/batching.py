@@ -79,7 +79,7 @@ class MicroBatcher(Generic[T]):
         *,
         window_ms: float = 2.0,
         max_rows: int = 64,
-        max_queue: int = 10_000,
+        max_queue: int = 1_000,
     ) -> None:
         if max_rows < 1:
             raise ValueError("max_rows must be at least 1")

@@ -121,7 +121,7 @@ class BatchingConfig:
     # Rows received and not yet answered, at most (memory bound). A full queue makes the
     # MQTT thread wait (TCP back-pressure on the broker) up to queue_wait_ms, then the
     # row is refused as "overload" and left unacknowledged.
-    max_queue: int = 10_000
+    max_queue: int = 1_000
     queue_wait_ms: float = 1000.0
 
 
