@@ -114,6 +114,9 @@ class Outbox:
         # truncate it back to 1 MiB afterwards, instead of SQLite's 4 MiB that never shrink.
         self._db.execute("PRAGMA wal_autocheckpoint=256")
         self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
+        # A FIFO touches the table's two ends: 512 KiB of page cache, not SQLite's 2 MiB
+        # (resident memory on a gateway).
+        self._db.execute("PRAGMA cache_size=-512")
         self.synchronous = synchronous
         # Deletes of acknowledged entries commit without their own fsync (see delete()).
         self._lazy_deletes = synchronous == "FULL"
