@@ -116,6 +116,10 @@ class FieldMapping:
                        mapping.items()]
         self._optional = frozenset(optional)
 
+    def path_of(self, feature: str) -> str | None:
+        """The JSON field path feature ``feature`` is read from (None: not mapped)."""
+        return next((path for f, path, _k in self._paths if f == feature), None)
+
     def extract(self, fields: Mapping[str, Any]) -> dict[str, Any]:
         """The features of one row, by feature name; raises ``InputError``."""
         out: dict[str, Any] = {}

@@ -40,10 +40,11 @@ import numpy as np
 
 from edge_agent.errors import InputError, RuntimeLoadError
 
-__all__ = ["Column", "Enforced", "Signature", "TensorSpec"]
+__all__ = ["F32_MAX", "Column", "Enforced", "Signature", "TensorSpec"]
 
 _MISSING: Any = object()
 _F32_MAX = float(np.finfo(np.float32).max)
+F32_MAX = _F32_MAX
 _SMALL_BATCH = 4  # up to this many rows, scalar Python beats per-column numpy calls
 
 
@@ -134,6 +135,13 @@ class Signature:
         # Every column a float: a row of finite JSON floats in float32 range needs no
         # per-value check (the common sensor message), see _rows_scalar.
         self._all_float = all(r.kind == "f" for r in self._rules)
+
+    @property
+    def plain_floats(self) -> bool:
+        """Every column a required float: a row of finite JSON floats in float32 range is
+        the model's input as it is (the ``_rows_scalar`` fast check, ``infer``'s fast
+        path)."""
+        return self._all_float and all(c.required for c in self.columns)
 
     @classmethod
     def from_dict(

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
+import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge_agent.agent import RateLimiter, device_keys
 from edge_agent.errors import ConfigError
@@ -144,3 +148,64 @@ def test_output_helpers_fast_paths_match_the_general_ones() -> None:
     assert _non_finite_rows(finite) == 0
     bad = {"p": np.array([[0.1, np.nan], [0.5, 0.5], [np.inf, 0.0]], dtype=np.float32)}
     assert _non_finite_rows(bad) == 2
+
+
+def _loaded_for(signature: dict[str, Any], fields: dict[str, str]) -> Any:
+    """A LoadedModel for its input rules only (no session is run here)."""
+    from types import SimpleNamespace
+
+    from edge_agent.inference import LoadedModel
+    from edge_agent.inputs import FieldMapping
+    from edge_agent.schema import Signature
+
+    sig = Signature.from_dict(signature, feature_names=list(fields))
+    manifest = SimpleNamespace(model="m", version=1, variant="onnx-fp32", classes=None)
+    optional = [c.name for c in sig.columns if not c.required]
+    return LoadedModel(
+        name="m", sha256="0" * 64, manifest=cast(Any, manifest), session=cast(Any, None),
+        signature=sig, fields=FieldMapping(fields, optional=optional), drift=None,
+    )
+
+
+_FAST_FIELDS = {"a": "a", "b": "press.b", "c": "c"}
+_FAST_SIGNATURE = {"inputs": [{"name": n, "type": "double"} for n in _FAST_FIELDS]}
+_VALUE = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.floats(min_value=-1e6, max_value=1e6),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.booleans(), st.none(), st.text(max_size=3),
+    st.dictionaries(st.sampled_from(["b", "x"]), st.floats(-10, 10), max_size=2),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.dictionaries(st.sampled_from(["a", "press.b", "press", "c", "d"]), _VALUE))
+def test_infer_fast_path_gives_what_the_general_rules_give(row: dict[str, Any]) -> None:
+    """For any row, fast_x is None (the general path decides) or exactly the array the
+    field mapping and the signature rules build; every all-float row takes it."""
+    from edge_agent.errors import InputError
+
+    loaded = _loaded_for(_FAST_SIGNATURE, _FAST_FIELDS)
+    fast = loaded.fast_x(row)
+    try:
+        enforced = loaded.signature.enforce([loaded.fields.extract(row)])
+    except InputError:
+        assert fast is None
+        return
+    if enforced.errors:
+        assert fast is None
+        return
+    if fast is not None:
+        assert fast.dtype == enforced.x.dtype and np.array_equal(fast, enforced.x)
+    plain = [row.get(k) for k in ("a", "press.b", "c")]
+    if all(type(v) is float and abs(v) < 3e38 for v in plain):
+        assert fast is not None
+
+
+def test_infer_fast_path_is_off_for_optional_or_non_float_inputs() -> None:
+    optional = {"inputs": [{"name": "a", "type": "double"},
+                           {"name": "b", "type": "double", "required": False}]}
+    assert _loaded_for(optional, {"a": "a", "b": "b"}).fast_keys is None
+    ints = {"inputs": [{"name": "a", "type": "double"}, {"name": "b", "type": "long"}]}
+    assert _loaded_for(ints, {"a": "a", "b": "b"}).fast_keys is None
+    assert _loaded_for(_FAST_SIGNATURE, _FAST_FIELDS).fast_keys == ("a", "press.b", "c")
