@@ -4,7 +4,7 @@ MLflow on its embedded sqlite default (in the work dir), an MQTT broker (Mosquit
 PATH, else amqtt in-process), a simulated press line, `lineside sync run` and
 `lineside agent run` as subprocesses. Exits 0 only when every step happened.
 
-Every step has a time budget (``STEP_BUDGETS_S``, summing to 120 s by default, or
+Every step has a time budget (``budgets.STEP_BUDGETS_S``, summing to 120 s by default, or
 ``--time-budget`` spread in proportion); a step's deadline is the run's budget less what
 the steps after it are budgeted, so a slow step may use what earlier ones left over. A
 step past its deadline, any error and SIGTERM/SIGINT end the demo with one FAIL line
@@ -31,10 +31,12 @@ from typing import Any
 
 import click
 
-from lineside.demo import files
+from lineside.demo import files, summary
 from lineside.demo.broker import DemoBroker, start_broker
+from lineside.demo.budgets import DEFAULT_DURATION_S, serve_times, step_budgets, time_budget
 from lineside.demo.errors import DemoError, DemoFailedError
-from lineside.demo.monitor import Feeder, Monitor, percentile
+from lineside.demo.monitor import Feeder, Monitor
+from lineside.demo.summary import REFUSALS, SUMMARY_FILE
 from lineside.demo.training import (
     ANOMALY_MODEL,
     QUALITY_MODEL,
@@ -43,32 +45,7 @@ from lineside.demo.training import (
     train_quality,
 )
 
-DEFAULT_DURATION_S = 18.0
-# Seconds per step, in run order; None: a "serve" step (the press line runs on the current
-# version for a third of --duration, plus SERVE_MARGIN_S). With the default duration they
-# sum to 120 s, the documented "under two minutes"; a default run measured 68 s on a
-# 2-core machine shared with other work (load ~2).
-STEP_BUDGETS_S: dict[str, float | None] = {
-    "device config": 1,
-    "broker": 5,
-    "configs": 3,
-    "start agent": 3,
-    "train v1": 20,
-    "deploy v1": 35,  # the sync service converts v1 of both models; v2, v3 train meanwhile
-    "predictions": 4,
-    "serve v1": None,
-    "hot swap": 12,
-    "serve v2": None,
-    "refuse v3": 5,
-    "serve to the end": None,
-    "answers": 5,
-    "history": 6,
-}
-SERVE_MARGIN_S = 1.0  # a serve step's budget beyond its serving time
-SUMMARY_FILE = "demo-summary.json"
 ERROR_LOG = "demo-error.log"
-# Device events that mean "this version was not taken or was taken back".
-REFUSALS = ("golden_mismatch", "load_failed", "schema_mismatch", "rolled_back", "known_bad")
 
 
 class _Interrupted(BaseException):
@@ -82,26 +59,6 @@ class _Interrupted(BaseException):
 
 class _Overran(BaseException):
     """SIGALRM at a step's deadline, raised in whatever blocking call the step is in."""
-
-
-def serve_times(duration: float) -> tuple[float, float, float]:
-    """How long the press line runs on v1, on v2 before v3, and on v2 at the end."""
-    each = max(0.0, duration) / 3
-    return each, each, each
-
-
-def step_budgets(duration: float) -> dict[str, float]:
-    """Every step's budget in seconds, in run order, for this ``--duration``."""
-    serve = iter(serve_times(duration))
-    return {
-        step: budget if budget is not None else next(serve) + SERVE_MARGIN_S
-        for step, budget in STEP_BUDGETS_S.items()
-    }
-
-
-def time_budget(duration: float) -> float:
-    """The default budget of a whole run: the sum of its steps' budgets."""
-    return sum(step_budgets(duration).values())
 
 
 @dataclass
@@ -655,7 +612,7 @@ class Demo:
 
     def summary_data(self) -> dict[str, Any]:
         """What happened, for the printed summary and ``demo-summary.json``."""
-        data: dict[str, Any] = {
+        run = {
             "ok": self.exit_code == 0,
             "exit_code": self.exit_code,
             "error": self.error,
@@ -671,119 +628,13 @@ class Demo:
             "answers": self.answers_check,
             "mlflow_ui": f"mlflow ui --backend-store-uri sqlite:///{self.workdir / 'mlflow.db'}",
         }
-        monitor = self.monitor
-        if monitor is None:
-            return data
-        with monitor.lock:
-            timeline = list(monitor.timeline)
-            seen = {m: dict(v) for m, v in monitor.versions_seen.items()}
-            events = list(monitor.events)
-            rows = dict(monitor.rows_per_press)
-            anomalies = dict(monitor.anomalies)
-            telemetry = dict(monitor.telemetry)
-            predictions = dict(monitor.predictions)
-        end = round(time.monotonic() - self.steps.started, 1)
-        models: dict[str, Any] = {}
-        for model in files.MODELS:
-            changes = [(at, v) for at, m, v in timeline if m == model]
-            served = [
-                {
-                    "version": v,
-                    "from_s": round(at, 1),
-                    "to_s": round(changes[i + 1][0], 1) if i + 1 < len(changes) else end,
-                }
-                for i, (at, v) in enumerate(changes)
-                if v is not None
-            ]
-            answered = {
-                str(v): {
-                    "answered": s.answered,
-                    "first_s": round(s.first_at, 1),
-                    "last_s": round(s.last_at, 1),
-                    "latency_p50_ms": percentile(list(s.latencies_ms), 50),
-                    "latency_p99_ms": percentile(list(s.latencies_ms), 99),
-                }
-                for v, s in sorted(seen.get(model, {}).items())
-            }
-            refused = [
-                {"version": e.get("version"), "code": e.get("code"), "at_s": round(at, 1)}
-                for at, e in events
-                if e.get("model") == model and e.get("code") in REFUSALS
-            ]
-            models[model] = {
-                "served": served,
-                "answered_by_version": answered,
-                "refused": refused,
-                "predictions": predictions.get(model, 0),
-                "device_latency_ms": (telemetry.get("models") or {})
-                .get(model, {})
-                .get("latency_ms"),
-            }
-        data["models"] = models
-        data["anomaly_rate_per_press"] = {
-            press: {
-                "rows": n,
-                "anomalies": anomalies.get(press, 0),
-                "rate": round(anomalies.get(press, 0) / n, 4) if n else None,
-            }
-            for press, n in sorted(rows.items())
-        }
-        data["outbox"] = telemetry.get("outbox")
-        return data
+        return summary.build(run, self.monitor, self.steps.started)
 
     def _summary(self) -> None:
         data = self.summary_data()
         with contextlib.suppress(OSError):
             (self.workdir / SUMMARY_FILE).write_text(json.dumps(data, indent=2) + "\n")
-        ok = data["ok"]
-        echo = click.echo
-        echo("")
-        echo(
-            "lineside demo: "
-            + ("every step happened" if ok else "FAILED")
-            + f" in {data['elapsed_s']:.0f}s (budget {data['time_budget_s']:.0f}s)"
-        )
-        if not ok:
-            echo(f"  error: {self.error}")
-        for model, entry in (data.get("models") or {}).items():
-            if not entry["served"] and not entry["refused"]:
-                continue  # never deployed in this run
-            echo(f"  {model}:")
-            answered = entry["answered_by_version"]
-            for span in entry["served"]:
-                v = str(span["version"])
-                stats = answered.get(v, {})
-                latency = ""
-                if stats.get("latency_p50_ms") is not None:
-                    latency = (
-                        f", inference p50 {stats['latency_p50_ms']:.2f} ms "
-                        f"p99 {stats['latency_p99_ms']:.2f} ms"
-                    )
-                echo(
-                    f"    v{v}: served {span['from_s']:.1f}s-{span['to_s']:.1f}s, "
-                    f"answered {stats.get('answered', 0)} messages{latency}"
-                )
-            for refusal in entry["refused"]:
-                v = str(refusal["version"])
-                echo(
-                    f"    v{v}: {refusal['code']} at {refusal['at_s']:.1f}s, answered "
-                    f"{answered.get(v, {}).get('answered', 0)} messages"
-                )
-        presses = data.get("anomaly_rate_per_press") or {}
-        if presses:
-            echo(
-                "  anomaly rate per press: "
-                + ", ".join(
-                    f"{p} {e['anomalies'] / e['rows']:.1%} of {e['rows']}"
-                    for p, e in presses.items()
-                    if e["rows"]
-                )
-            )
-        echo(f"  work dir: {self.workdir} (summary in {SUMMARY_FILE})")
-        echo("  see the deployment history and device metrics in the MLflow UI:")
-        echo(f"    {data['mlflow_ui']}")
-        if not ok:
-            click.echo(f"lineside demo: error: {self.error}", err=True)
+        summary.echo_summary(data, self.workdir, self.error)
 
 
 @click.command("demo")
