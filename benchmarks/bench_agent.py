@@ -127,6 +127,22 @@ def _nodelay(_client: Any, _userdata: Any, sock: Any) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+def sensor_body(i: int, rng: np.random.Generator, ts: float) -> str:
+    """One sensor message: the features, its id and its send time (0: not timed)."""
+    body = {f: float(v) for f, v in zip(FEATURES, rng.normal(size=N_FEATURES), strict=True)}
+    return json.dumps(body | {"id": i, "ts": ts})
+
+
+def _burst_figures(n: int, received_at: list[float], send_s: float) -> dict[str, Any]:
+    span = received_at[-1] - received_at[0] if len(received_at) > 1 else float("nan")
+    return {
+        "messages": n,
+        "answered": len(received_at),
+        "generator_msgs_per_s": round(n / send_s),
+        "answers_per_s": round(len(received_at) / span) if span else 0,
+    }
+
+
 class Rig:
     """Sensor publisher + prediction collector (latency from the echoed source ts)."""
 
@@ -176,28 +192,7 @@ class Rig:
             self.received.clear()
 
     def send(self, i: int, rng: np.random.Generator) -> None:
-        body = {f: float(v) for f, v in zip(FEATURES, rng.normal(size=N_FEATURES), strict=True)}
-        body |= {"id": i, "ts": time.time()}
-        self.pub.publish(self.sensor_topic, json.dumps(body), qos=1)
-
-    def paced(self, rate: float, seconds: float) -> dict[str, float]:
-        self.reset()
-        rng = np.random.default_rng(1)
-        n = int(rate * seconds)
-        start = time.perf_counter()
-        for i in range(n):
-            target = start + i / rate
-            while (delay := target - time.perf_counter()) > 0:
-                time.sleep(delay)
-            self.send(i, rng)
-        self._wait_for(n, 10)
-        lat = np.array(self.latencies)
-        return {
-            "messages": n,
-            "answered": len(lat),
-            "p50_ms": round(float(np.percentile(lat, 50)), 3),
-            "p99_ms": round(float(np.percentile(lat, 99)), 3),
-        }
+        self.pub.publish(self.sensor_topic, sensor_body(i, rng, time.time()), qos=1)
 
     def burst(self, n: int) -> dict[str, float]:
         self.reset()
@@ -209,13 +204,7 @@ class Rig:
         self._wait_for(n, 120)
         with self._lock:
             got = list(self.received)
-        span = got[-1] - got[0] if len(got) > 1 else float("nan")
-        return {
-            "messages": n,
-            "answered": len(got),
-            "generator_msgs_per_s": round(n / send_s),
-            "answers_per_s": round(len(got) / span) if span else 0,
-        }
+        return _burst_figures(n, got, send_s)
 
     def burst_tools(
         self, n: int, port: int, answer_topic: str, settle_s: float = 2.0
@@ -225,11 +214,7 @@ class Rig:
         answer with its receive time), so that the Python harness, on the same two
         cores, does not cap what it measures; answers are counted after the run."""
         rng = np.random.default_rng(2)
-        lines = []
-        for i in range(n):
-            body = {f: float(v) for f, v in zip(FEATURES, rng.normal(size=N_FEATURES),
-                                                 strict=True)}
-            lines.append(json.dumps(body | {"id": i, "ts": 0.0}))
+        lines = [sensor_body(i, rng, 0.0) for i in range(n)]
         with tempfile.TemporaryDirectory() as tmp_text:
             tmp = Path(tmp_text)
             (tmp / "in.jsonl").write_text("\n".join(lines) + "\n")
@@ -263,12 +248,7 @@ class Rig:
                     times.extend(float(stamp) for _p in iter_predictions(json.loads(payload)))
                 except ValueError:
                     bad += 1
-        span = times[-1] - times[0] if len(times) > 1 else float("nan")
-        return {
-            "messages": n,
-            "answered": len(times),
-            "generator_msgs_per_s": round(n / send_s),
-            "answers_per_s": round(len(times) / span) if span else 0,
+        return _burst_figures(n, times, send_s) | {
             "unparsed_lines": bad,
             "tool": "mosquitto_pub/mosquitto_sub",
         }
