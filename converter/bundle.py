@@ -66,8 +66,8 @@ def _save_onnx(path: Path, model_bytes: bytes, signature: Any, example: Any) -> 
             # External data files would let a bundle point outside itself; never.
             save_as_external_data=False,
             # What loading an ONNX bundle needs, stated: MLflow would otherwise start a
-            # subprocess per bundle (~2 s) to record what the *converting* process had
-            # imported (TensorFlow, scikit-learn, ...), which an edge bundle does not need.
+            # subprocess per bundle (~2 s) that loads it to see what it imports, and finds
+            # the same (plus numpy, which onnxruntime brings anyway).
             pip_requirements=mlflow.onnx.get_default_pip_requirements(),
         )
     except Exception as exc:

@@ -64,6 +64,13 @@ def test_convert_writes_a_valid_mlflow_bundle_with_metadata(
         assert len(data) == digest["size"]
     suffixes = {p.suffix for p in bundle.rglob("*")}
     assert not suffixes & {".pkl", ".pickle", ".skops", ".joblib", ".cloudpickle"}
+    # what loading the bundle needs, and nothing of the source model's stack
+    requirements = {
+        line.split("==")[0].split("<")[0].split(">")[0]
+        for line in (bundle / "requirements.txt").read_text().split()
+    }
+    assert {"onnx", "onnxruntime"} <= requirements
+    assert not requirements & {"scikit-learn", "tensorflow", "skl2onnx", "skops", "cloudpickle"}
     assert meta["feature_names"] == FEATURES
     assert [c["name"] for c in meta["input_signature"]["inputs"]] == FEATURES
     assert meta["source"]["registered_name"] == NAME and meta["source"]["selector"] == "@production"
