@@ -755,18 +755,29 @@ class _Client(paho.Client):
     def write_now(self) -> bool:
         if self._sock is None or not self._out_packet:
             return False
-        # Never wait: if the network thread holds the lock it is writing (or
-        # reconnecting) itself and will send what is queued.
-        if not self._write_lock.acquire(blocking=False):
+        # Never wait, for either lock. The callback lock first, as paho's own publish
+        # does before it writes: writing a QoS 0 PUBLISH makes paho take it to report
+        # on_publish, so a writer from another thread waited for the network thread's
+        # current callback to end -- while holding what that callback may need (the
+        # outbox lock: both threads hung for good under a burst). Busy in a callback,
+        # the network thread writes what is queued as soon as it is back in its loop
+        # (paho selects for writing while packets wait); holding the write lock, it is
+        # writing (or reconnecting) itself.
+        if not self._in_callback_mutex.acquire(blocking=False):
             return False
         try:
-            if self._sock is None:
+            if not self._write_lock.acquire(blocking=False):
                 return False
-            # Errors (AGAIN, a lost connection) leave the packet queued: the network
-            # thread's next loop_write sees the same condition and handles it.
-            self._packet_write()
+            try:
+                if self._sock is None:
+                    return False
+                # Errors (AGAIN, a lost connection) leave the packet queued: the network
+                # thread's next loop_write sees the same condition and handles it.
+                self._packet_write()
+            finally:
+                self._write_lock.release()
         finally:
-            self._write_lock.release()
+            self._in_callback_mutex.release()
         return True
 
 

@@ -332,6 +332,45 @@ def test_a_handler_may_publish_and_flush_on_the_network_thread(
     assert any(flushed) and link.healthy()
 
 
+def test_a_flush_from_another_thread_never_waits_for_a_busy_callback(
+    broker: MosquittoBroker,
+    links,  # type: ignore[no-untyped-def]
+) -> None:
+    # Found by bench_agent under a burst: the batch worker flushed (holding the outbox
+    # lock) while a QoS 0 message was queued and the network thread was inside a
+    # handler that needed the outbox lock. Writing the QoS 0 message made paho take its
+    # callback lock, held by that handler: both threads hung for good.
+    link = links(broker.url, "busy-callback")
+    telemetry = collector(link, "busy/telemetry")
+    entered, release = threading.Event(), threading.Event()
+
+    def busy(_message: Message) -> None:
+        entered.set()
+        release.wait(10)
+
+    link.subscribe("busy/in", busy)
+    link.start(wait=10)
+    sender = links(broker.url, "busy-sender")
+    sender.start(wait=10)
+    sender.publish("busy/in", b"x", qos=1)
+    assert entered.wait(10)
+    flushed: list[bool] = []
+
+    def worker() -> None:
+        link.publish("busy/telemetry", b"t", qos=0)  # queued: the loop is in a callback
+        flushed.append(link.flush())
+
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
+    thread.join(5)
+    hung = thread.is_alive()
+    release.set()
+    assert not hung, "flush waited for the network thread's callback"
+    assert flushed == [False]  # left to the network thread ...
+    assert wait_until(lambda: len(telemetry) == 1, 10)  # ... which wrote it afterwards
+    assert link.healthy()
+
+
 def test_manual_ack_holds_back_the_puback_until_ack(
     broker: MosquittoBroker,
     links,  # type: ignore[no-untyped-def]
