@@ -26,7 +26,6 @@ one per input, which is where micro-batching's throughput comes from.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -44,6 +43,7 @@ from edge_agent.errors import InferenceError, InputError, RuntimeLoadError
 from edge_agent.fsio import FileSystem
 from edge_agent.health import HealthWindow
 from edge_agent.inputs import FieldMapping, Row, parse_payload
+from edge_agent.lone import LoneLane, encode_prediction
 from edge_agent.protocol.manifest import Manifest
 from edge_agent.runtime import Session, load_session
 from edge_agent.schema import F32_MAX, Enforced, Signature
@@ -375,6 +375,9 @@ class InferenceEngine:
         self._on_error = on_error
         self._prediction_topic = prediction_topic
         self._models: dict[str, LoadedModel] = {}
+        # The lone-message lane of each installed model (None: its inputs are not plain
+        # floats), swapped together with the model under the same lock.
+        self._lanes: dict[str, LoneLane | None] = {}
         self._lock = threading.Lock()
         self._routes = [(t, m.name) for m in config.models for t in m.input_topics]
         # topic -> models reading it: matched once per topic, not per message (bounded
@@ -384,6 +387,7 @@ class InferenceEngine:
         self.unrouted = 0
         self._drift = _DriftBuffer(telemetry)
         self.answered = 0
+        self.lone = 0  # of which answered by a LoneLane
         self._batcher: MicroBatcher[_Item] = MicroBatcher(
             self._run_batch,
             window_ms=config.batching.window_ms,
@@ -397,14 +401,20 @@ class InferenceEngine:
     def install(self, loaded: LoadedModel) -> LoadedModel | None:
         """Swap the serving model of ``loaded.name``; returns the previous one."""
         self._telemetry.model(loaded.name, drift=loaded.drift)
+        lane = None
+        if loaded.fast_keys is not None:
+            lane = LoneLane(loaded, device=self.config.device_id,
+                            max_bytes=self.config.limits.max_payload_bytes)
         with self._lock:
             previous = self._models.get(loaded.name)
             self._models[loaded.name] = loaded
+            self._lanes[loaded.name] = lane
         return previous
 
     def remove(self, name: str) -> None:
         with self._lock:
             self._models.pop(name, None)
+            self._lanes.pop(name, None)
 
     def current(self, name: str) -> LoadedModel | None:
         with self._lock:
@@ -455,7 +465,9 @@ class InferenceEngine:
     def _run_batch(self, items: list[_Item]) -> None:
         started = time.perf_counter()
         self._sent_at = 0.0
-        self._answer_batch(items)  # raises: not acknowledged, the broker redelivers
+        # raises: not acknowledged, the broker redelivers
+        if len(items) != 1 or not self._answer_lone(items[0]):
+            self._answer_batch(items)
         if self._acknowledge is not None:
             tokens = [i.token for i in items if i.token is not None]
             if tokens:
@@ -498,6 +510,36 @@ class InferenceEngine:
             for step in after:  # bookkeeping (stats, health, drift) off the latency path
                 step()
 
+    def _answer_lone(self, item: _Item) -> bool:
+        """Answer a lone plain message through its model's ``LoneLane``; False (nothing
+        done) when the lane declines it: the general path takes it."""
+        names = self._models_for(item.topic)
+        if len(names) != 1:
+            return False
+        name = names[0]
+        with self._lock:
+            lane = self._lanes.get(name)
+        if lane is None:
+            return False
+        given = lane.inputs(item.payload)
+        if given is None:
+            return False
+        x, source = given
+        ran = lane.run(x)
+        if ran is None:
+            return False
+        raw, outputs, latency = ran
+        payload = lane.encode(ts=time.time(), latency_ms=latency, seq=self._seq.take(1),
+                              topic=item.topic, source=source, outputs=outputs)
+        self._store([(self._output_topics[name], payload)], self._mark_sent)
+        self.answered += 1
+        self.lone += 1
+        # The general path's bookkeeping for one good row, after the answer is out.
+        self._telemetry.model(name).record_batch(1, latency)
+        self._drift.add(name, x, raw)
+        _record_health(lane.loaded, rows=1, failed=0, nan_rows=0, latency=latency)
+        return True
+
     def _models_for(self, topic: str) -> list[str]:
         names = self._route_cache.get(topic)
         if names is None:
@@ -536,7 +578,10 @@ class InferenceEngine:
             after.append(lambda: stats.record_batch(good_rows, latency))
             after.append(lambda: self._drift.add(name, result.x, result.outputs))
         if loaded.health is not None and (good_rows or result.failed):
-            after.append(lambda: _record_health(loaded, good_rows, result, latency))
+            after.append(lambda: _record_health(
+                loaded, rows=good_rows, failed=result.failed, nan_rows=result.nan_rows,
+                latency=latency,
+            ))
         topic = self._output_topics[name]
         answered = [a for a in answers if a.outputs is not None]
         first = self._seq.take(len(answered)) if answered else 0
@@ -575,8 +620,7 @@ class InferenceEngine:
 GROUP_MAX_BYTES = 64 * 1024
 
 
-def _dumps(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+_dumps = encode_prediction
 
 
 def _grouped(envelope: dict[str, Any], entries: list[dict[str, Any]]) -> list[bytes]:
@@ -597,13 +641,14 @@ def _grouped(envelope: dict[str, Any], entries: list[dict[str, Any]]) -> list[by
     return messages
 
 
-def _record_health(loaded: LoadedModel, rows: int, result: Inferred, latency: float) -> None:
+def _record_health(
+    loaded: LoadedModel, *, rows: int, failed: int, nan_rows: int, latency: float
+) -> None:
     health = loaded.health
     if health is None:
         return
     with loaded.health_lock:
-        health.record(rows=rows, errors=result.failed, nan_rows=result.nan_rows,
-                      latency_ms=latency)
+        health.record(rows=rows, errors=failed, nan_rows=nan_rows, latency_ms=latency)
 
 
 class _DriftBuffer:

@@ -25,7 +25,7 @@ from typing import Any
 
 from edge_agent.errors import InputError
 
-__all__ = ["FieldMapping", "Row", "parse_payload"]
+__all__ = ["FieldMapping", "Row", "decode_json", "parse_payload"]
 
 @dataclass(frozen=True)
 class Row:
@@ -41,13 +41,19 @@ def _no_constants(name: str) -> Any:
 _decoder = json.JSONDecoder(parse_constant=_no_constants)
 
 
+def decode_json(payload: bytes) -> Any:
+    """UTF-8 JSON without NaN/Infinity; raises ``UnicodeDecodeError``,
+    ``json.JSONDecodeError``, ``RecursionError`` or ``InputError`` (a constant)."""
+    return _decoder.decode(payload.decode("utf-8"))
+
+
 def parse_payload(payload: bytes, *, max_bytes: int) -> list[Row]:
     """Decode one MQTT payload into rows; raises ``InputError``."""
     if len(payload) > max_bytes:
         raise InputError(f"payload of {len(payload)} bytes exceeds the limit of {max_bytes}",
                          kind="oversized")
     try:
-        data = _decoder.decode(payload.decode("utf-8"))
+        data = decode_json(payload)
     except UnicodeDecodeError as exc:
         raise InputError(f"payload is not UTF-8: {exc.reason}", kind="malformed") from None
     except json.JSONDecodeError as exc:

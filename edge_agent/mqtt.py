@@ -150,31 +150,44 @@ class PublishHandle:
     def __init__(self, mid: int, topic: str) -> None:
         self.mid = mid
         self.topic = topic
-        self._event = threading.Event()
+        # The Event exists only once someone waits: one handle is made per publish on
+        # the latency path, and building an Event (a Condition and its lock) costs more
+        # there than the rest of the handle; most handles are only ever called back.
+        self._event: threading.Event | None = None
+        self._acked = False
         self._lock = threading.Lock()
         self._callbacks: list[Callable[[PublishHandle], None]] = []
 
     @property
     def acked(self) -> bool:
-        return self._event.is_set()
+        return self._acked
 
     def wait(self, timeout: float) -> bool:
         """Wait at most ``timeout`` seconds; True when acknowledged."""
-        return self._event.wait(timeout)
+        with self._lock:
+            if self._acked:
+                return True
+            if self._event is None:
+                self._event = threading.Event()
+            event = self._event
+        return event.wait(timeout)
 
     def on_ack(self, callback: Callable[[PublishHandle], None]) -> None:
         """Call ``callback(handle)`` once acknowledged (now, if it already is). It runs on
         the network thread: keep it short; exceptions are logged, never propagated."""
         with self._lock:
-            if not self._event.is_set():
+            if not self._acked:
                 self._callbacks.append(callback)
                 return
         _run_guarded("on_ack", callback, self)
 
     def _resolve(self) -> None:
         with self._lock:
-            self._event.set()
+            self._acked = True
+            event = self._event
             callbacks, self._callbacks = self._callbacks, []
+        if event is not None:
+            event.set()
         for callback in callbacks:
             _run_guarded("on_ack", callback, self)
 
