@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +39,22 @@ def _no_constants(name: str) -> Any:
 
 
 _decoder = json.JSONDecoder(parse_constant=_no_constants)
+# The decoder's scanner (C when available): set by JSONDecoder.__init__, not in typeshed.
+_scan: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def decode_json(payload: bytes) -> Any:
     """UTF-8 JSON without NaN/Infinity; raises ``UnicodeDecodeError``,
     ``json.JSONDecodeError``, ``RecursionError`` or ``InputError`` (a constant)."""
-    return _decoder.decode(payload.decode("utf-8"))
+    text = payload.decode("utf-8")
+    # The decoder's C scanner alone when the document fills the text (the usual sensor
+    # message); ``decode`` adds two regex scans for surrounding whitespace, and its
+    # error messages: anything else goes through it.
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        return _decoder.decode(text)
+    return value if end == len(text) else _decoder.decode(text)
 
 
 def parse_payload(payload: bytes, *, max_bytes: int) -> list[Row]:

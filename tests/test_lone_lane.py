@@ -142,3 +142,22 @@ def test_a_real_agent_answers_paced_messages_through_the_lane(world: World) -> N
     got = {p["source"]["id"] for p in world.predictions()}
     assert got == {f"m{i}" for i in range(10)}
     assert agent.engine.lone - before >= 5  # most of them; a slow turn may hand one off
+
+
+@pytest.mark.parametrize(
+    "text",
+    [b'{"a": 1.5}', b' {"a": 1} ', b'{"a": 1}\n', b'{"a": 1} x', b"", b"   ", b"[1, 2]",
+     b'"s"', b"{", b'{"a": NaN}', b'{"a": -Infinity}', b'{"a": 1}{"b": 2}', b"1e999"],
+)
+def test_decode_json_is_the_full_decoder(text: bytes) -> None:
+    """The scanner shortcut gives the full decoder's value, or its very error."""
+    from edge_agent.errors import InputError
+    from edge_agent.inputs import _decoder, decode_json
+
+    def outcome(decode: Any) -> Any:
+        try:
+            return ("value", decode())
+        except (ValueError, InputError) as exc:
+            return ("error", type(exc), str(exc))
+
+    assert outcome(lambda: decode_json(text)) == outcome(lambda: _decoder.decode(text.decode()))
