@@ -269,17 +269,24 @@ class Agent:
     # ---- messages out -----------------------------------------------------------------
 
     def _store_predictions(
-        self, items: list[tuple[str, bytes]], on_sent: Callable[[], None] | None = None
+        self,
+        items: list[tuple[str, bytes]],
+        on_sent: Callable[[], None] | None = None,
+        committed: Callable[[], None] | None = None,
+        defer: bool = False,
     ) -> None:
         rows = [(topic, payload, 1, False) for topic, payload in items]
         pump = self.pump
         if pump is None:
             self.outbox.put_many(rows)
+            if committed is not None:
+                committed()
             return
         # One transaction for the micro-batch; its predictions are handed to the link
         # from this thread while the commit's fsync runs (no pump-thread wake-up on the
-        # latency path). Deleted only after commit and PUBACK, as always.
-        pump.put_and_send(rows, on_sent)
+        # latency path). Deleted only after commit and PUBACK, as always. A lone
+        # answer's commit is deferred (``defer``) off the moments it is delivered in.
+        pump.put_and_send(rows, on_sent, committed=committed, defer=defer)
 
     def emit(self, kind: str, code: str, message: str, **context: Any) -> None:
         """One event (docs/protocol.md section 8.2), through the outbox."""

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -341,9 +341,20 @@ def _finite_or_none(value: Any) -> Any:
     return value if not isinstance(value, float) or math.isfinite(value) else None
 
 
-# store(predictions, on_sent): on_sent() runs once they are on the wire (or queued
-# behind older messages), before they are written to the outbox.
-StorePredictions = Callable[[list[tuple[str, bytes]], Callable[[], None] | None], None]
+class StorePredictions(Protocol):
+    """Where predictions go (the agent's outbox). ``on_sent()`` runs once they are on
+    the wire (or queued behind older messages), before they are written to the outbox;
+    ``committed()`` once they are durable -- the inputs they answer are acknowledged
+    there, never before. ``defer``: the write may wait for a later moment (a lone
+    answer's commit kept off the moments it is delivered in)."""
+
+    def __call__(
+        self,
+        items: list[tuple[str, bytes]],
+        on_sent: Callable[[], None] | None = None,
+        committed: Callable[[], None] | None = None,
+        defer: bool = False,
+    ) -> None: ...
 
 
 class InferenceEngine:
@@ -465,20 +476,20 @@ class InferenceEngine:
     def _run_batch(self, items: list[_Item]) -> None:
         started = time.perf_counter()
         self._sent_at = 0.0
-        # raises: not acknowledged, the broker redelivers
-        if len(items) != 1 or not self._answer_lone(items[0]):
-            self._answer_batch(items)
-        if self._acknowledge is not None:
-            tokens = [i.token for i in items if i.token is not None]
-            if tokens:
-                self._acknowledge(tokens)
+        tokens = [i.token for i in items if i.token is not None]
+        acknowledge = self._acknowledge
+        # The inputs are acknowledged once their answers are durable (``committed``);
+        # an exception leaves them unacknowledged: the broker redelivers them.
+        committed = (lambda: acknowledge(tokens)) if acknowledge and tokens else _nothing
+        if len(items) != 1 or not self._answer_lone(items[0], committed):
+            self._answer_batch(items, committed)
         if len(items) == 1:
             took = ((self._sent_at or time.perf_counter()) - started) * 1000.0
             # Smoothed, but a slow call counts at once: the network thread is not kept
             # waiting twice in a row by a model that has become slow.
             self._lone_ms = max(took, 0.8 * self._lone_ms + 0.2 * took)
 
-    def _answer_batch(self, items: list[_Item]) -> None:
+    def _answer_batch(self, items: list[_Item], committed: Callable[[], None]) -> None:
         by_model: dict[str, list[tuple[_Item, list[Row]]]] = {}
         limit = self.config.limits.max_payload_bytes
         for item in items:
@@ -504,13 +515,15 @@ class InferenceEngine:
             for name, messages in by_model.items():
                 out.extend(self._answer(name, messages, after))
             if out:
-                self._store(out, self._mark_sent)
+                self._store(out, self._mark_sent, committed)
                 self.answered += len(out)
+            else:
+                committed()  # nothing to store: every input was refused and reported
         finally:
             for step in after:  # bookkeeping (stats, health, drift) off the latency path
                 step()
 
-    def _answer_lone(self, item: _Item) -> bool:
+    def _answer_lone(self, item: _Item, committed: Callable[[], None]) -> bool:
         """Answer a lone plain message through its model's ``LoneLane``; False (nothing
         done) when the lane declines it: the general path takes it."""
         names = self._models_for(item.topic)
@@ -531,7 +544,8 @@ class InferenceEngine:
         raw, outputs, latency = ran
         payload = lane.encode(ts=time.time(), latency_ms=latency, seq=self._seq.take(1),
                               topic=item.topic, source=source, outputs=outputs)
-        self._store([(self._output_topics[name], payload)], self._mark_sent)
+        self._store([(self._output_topics[name], payload)], self._mark_sent, committed,
+                    defer=True)
         self.answered += 1
         self.lone += 1
         # The general path's bookkeeping for one good row, after the answer is out.
@@ -639,6 +653,10 @@ def _grouped(envelope: dict[str, Any], entries: list[dict[str, Any]]) -> list[by
         size += len(encoded) + 1
     messages.append(head + b",".join(part) + b"]}")
     return messages
+
+
+def _nothing() -> None:
+    pass
 
 
 def _record_health(

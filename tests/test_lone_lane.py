@@ -45,7 +45,7 @@ class _Bench:
         self.seq = SeqCounter(tmp / "seq", fs=FileSystem())
         self.engine = InferenceEngine(
             agent.config,
-            store_predictions=lambda items, _on_sent=None: self.stored.extend(items),
+            store_predictions=self._store,
             seq=self.seq,
             telemetry=Telemetry(window_s=60, state_dir=tmp),
             on_error=lambda kind, fields: self.errors.append((kind, fields)),
@@ -55,19 +55,33 @@ class _Bench:
         assert loaded is not None
         self.engine.install(loaded)
 
+    def _store(self, items: list[tuple[str, bytes]], _on_sent: Any = None,
+               committed: Any = None, defer: bool = False) -> None:
+        self.stored.extend(items)
+        self.deferred = defer
+        if committed is not None:
+            committed()
+
     def lone(self, payload: bytes) -> bytes | None:
         before = (len(self.stored), len(self.errors), self.seq.take())
-        if not self.engine._answer_lone(_Item(TOPIC, payload, time.monotonic())):
+        done: list[bool] = []
+        self.deferred = False
+        item = _Item(TOPIC, payload, time.monotonic())
+        if not self.engine._answer_lone(item, lambda: done.append(True)):
             # declined: nothing stored, reported or numbered
             assert (len(self.stored), len(self.errors)) == before[:2]
             assert self.seq.take() == before[2] + 1
             return None
         assert len(self.stored) == before[0] + 1 and len(self.errors) == before[1]
+        assert done == [True] and self.deferred  # acknowledged once stored, stored late
         return self.stored[-1][1]
 
     def general(self, payload: bytes) -> tuple[list[bytes], list[str]]:
         stored, errors = len(self.stored), len(self.errors)
-        self.engine._answer_batch([_Item(TOPIC, payload, time.monotonic())])
+        done: list[bool] = []
+        self.engine._answer_batch([_Item(TOPIC, payload, time.monotonic())],
+                                  lambda: done.append(True))
+        assert done == [True]  # answered or refused, the input is done with
         return ([p for _t, p in self.stored[stored:]],
                 [kind for kind, _f in self.errors[errors:]])
 

@@ -382,3 +382,72 @@ def test_deletes_skip_their_own_fsync_but_puts_stay_full(tmp_path: Path) -> None
     assert normal._db.execute("PRAGMA synchronous").fetchone()[0] == 1
     box.close()
     normal.close()
+
+
+def test_a_deferred_commit_stores_later_and_only_then_lets_the_inputs_go(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "o.db"
+    box = Outbox(path, max_bytes=100_000)
+    link = _ScriptedLink()
+    pump = OutboxPump(box, link)
+    done: list[str] = []
+    pump.put_and_send([("out/a", b"lone", 1, False)], committed=lambda: done.append("lone"),
+                      defer=True)
+    assert [p for p, _h in link.sent] == [b"lone"]  # on the wire at once ...
+    assert _committed(path) == [] and done == []  # ... stored later, inputs held till then
+    link.sent[0][1].ack()  # its PUBACK comes back before the commit
+    assert pump.pump_once()  # the next turn: inserted and deleted in one transaction
+    assert done == ["lone"] and _committed(path) == [] and box.depth() == 0
+    # A batch after a deferred one: the deferred goes first, then the batch, in order.
+    pump.put_and_send([("out/a", b"d", 1, False)], committed=lambda: done.append("d"),
+                      defer=True)
+    pump.put_and_send([("out/a", b"b", 1, False)], committed=lambda: done.append("b"))
+    assert done == ["lone", "d", "b"] and _committed(path) == [b"d", b"b"]
+    assert [p for p, _h in link.sent] == [b"lone", b"d", b"b"]
+    box.close()
+
+
+def test_a_crash_before_a_deferred_commit_acknowledges_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    box = Outbox(path, max_bytes=100_000)
+    pump = OutboxPump(box, _ScriptedLink())
+    done: list[str] = []
+    pump.put_and_send([("out/a", b"x", 1, False)], committed=lambda: done.append("x"),
+                      defer=True)
+    box.close()  # the process dies here: the input was never acknowledged ...
+    assert done == [] and _committed(path) == []  # ... so the broker redelivers it
+    again = Outbox(path, max_bytes=100_000)
+    assert again.put_many([("out/a", b"y", 1, False)]) == 1  # ids go on, none reused
+    assert _committed(path) == [b"y"]
+    again.close()
+
+
+def test_a_deferred_answer_that_cannot_go_now_is_stored_at_once(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=100_000)
+    link = _ScriptedLink()
+    link.connected = False
+    pump = OutboxPump(box, link)
+    done: list[str] = []
+    pump.put_and_send([("out/a", b"x", 1, False)], committed=lambda: done.append("x"),
+                      defer=True)
+    # Not on the wire: the pump sends it from the disk later, so it is there now.
+    assert done == ["x"] and box.depth() == 1 and link.sent == []
+    box.close()
+
+
+def test_the_pump_thread_commits_what_was_deferred(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_bytes=100_000)
+    pump = OutboxPump(box, _ScriptedLink(), commit_delay=0.005)
+    pump.start()
+    done: list[str] = []
+    try:
+        for i in range(5):
+            pump.put_and_send([("out/a", f"m:{i}".encode(), 1, False)],
+                              committed=lambda i=i: done.append(f"m:{i}"), defer=True)
+            time.sleep(0.02)  # alone: nothing else turns the pump
+        assert wait_until(lambda: len(done) == 5, 5)
+        assert done == [f"m:{i}" for i in range(5)] and box.depth() == 5
+    finally:
+        pump.stop()
+    box.close()
