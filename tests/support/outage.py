@@ -16,7 +16,8 @@ The journal (one JSON object per line, appended and flushed: a SIGKILL keeps the
 cache) records, for every micro-batch of predictions the engine hands to the outbox:
 
 - ``{"k": "intent", ...}`` just *before* ``Outbox.put_many`` (through the pump);
-- ``{"k": "ok", ...}`` just *after* it returned: the predictions are durably accepted.
+- ``{"k": "ok", ...}`` once the outbox committed them (the store's ``committed``
+  callback): the predictions are durably accepted.
 
 Both carry ``items``: one list per outbox entry (a message; with
 ``batching.group_predictions`` it holds a micro-batch's predictions), of ``[seq, i]`` per
@@ -97,15 +98,24 @@ def _make_agent(config_path: Path, journal: _Journal) -> Any:
         """The real agent; only the hand-off of predictions to the outbox is observed."""
 
         def _store_predictions(
-            self, items: list[tuple[str, bytes]], on_sent: Callable[[], None] | None = None
+            self,
+            items: list[tuple[str, bytes]],
+            on_sent: Callable[[], None] | None = None,
+            committed: Callable[[], None] | None = None,
+            defer: bool = False,
         ) -> None:
             got = [  # per outbox entry (message): [seq, index] per prediction in it
                 [[int(p["seq"]), index_of(p)] for p in predictions_in(json.loads(payload))]
                 for _topic, payload in items
             ]
             journal.write({"k": "intent", "items": got})
-            super()._store_predictions(items, on_sent)
-            journal.write({"k": "ok", "items": got})
+
+            def done() -> None:  # durable: the outbox committed them (deferred or not)
+                journal.write({"k": "ok", "items": got})
+                if committed is not None:
+                    committed()
+
+            super()._store_predictions(items, on_sent, done, defer)
 
         def emit(self, kind: str, code: str, message: str, **context: Any) -> None:
             super().emit(kind, code, message, **context)
