@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -320,3 +321,24 @@ def _leftovers(workdir: str) -> list[str]:
         if cmd and workdir in cmd and "pytest" not in cmd:
             lines.append(cmd)
     return lines
+
+
+def test_a_sigterm_whose_raise_a_finaliser_swallowed_still_stops_the_demo(
+    tmp_path: Path,
+) -> None:
+    """Seen in the suite: SIGTERM arrived while SQLAlchemy ran a weakref callback, whose
+    exceptions Python only prints ("Exception ignored in ..."), and the demo went on to
+    the end. The handler keeps what it raised; the step loop raises it again."""
+    from lineside.demo.command import Demo, _Interrupted
+
+    demo = Demo(tmp_path / "demo", duration=15, headless=True, broker_choice="mosquitto")
+
+    class Finaliser:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGTERM)
+            sum(range(100_000))  # the handler runs here; its raise goes nowhere
+
+    with demo._signals():
+        Finaliser()  # collected at once
+        with pytest.raises(_Interrupted):
+            demo._wait(lambda: False, "waiting", until=time.monotonic() + 5)

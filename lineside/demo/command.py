@@ -104,6 +104,10 @@ class Demo:
     _deadline: float = 0.0
     _budgets: dict[str, float] = field(default_factory=dict)
     _cleaning: bool = False
+    # The signal or alarm the handler raised for, kept: a raise can be swallowed when
+    # the handler runs inside a finaliser or a weakref callback ("Exception ignored
+    # in ..."; seen with SQLAlchemy's), so the step loop raises it again.
+    _caught: BaseException | None = None
 
     def __post_init__(self) -> None:
         self.steps = Steps(self.headless)
@@ -120,6 +124,7 @@ class Demo:
             try:
                 with self._live_view():
                     self._run_steps()
+                self._raise_caught()
             except DemoError as exc:
                 self._fail(f"step '{self._step}': {exc}")
             except _Overran:
@@ -470,6 +475,7 @@ class Demo:
         """Poll ``condition`` until the step's deadline (or ``until``: then it is no error
         that the condition stayed false). Fails at once if a component exited."""
         while True:
+            self._raise_caught()
             self._check_procs()
             if condition():
                 if not quiet:
@@ -481,6 +487,12 @@ class Demo:
             if now >= self._deadline:
                 raise DemoFailedError(self._overran_message(what))
             time.sleep(0.2)
+
+    def _raise_caught(self) -> None:
+        """Raise again a signal's exception that never reached the step (see _caught)."""
+        caught, self._caught = self._caught, None
+        if caught is not None and not self._cleaning and self.error is None:
+            raise caught
 
     def _check_procs(self) -> None:
         """``DemoFailedError`` if the broker, the agent or the sync service has exited."""
@@ -542,11 +554,13 @@ class Demo:
         # Once the demo is failing or cleaning up, a signal must not cut that short.
         def on_signal(signum: int, _frame: FrameType | None) -> None:
             if not self._cleaning and self.error is None:
-                raise _Interrupted(signum)
+                self._caught = _Interrupted(signum)
+                raise self._caught
 
         def on_alarm(_signum: int, _frame: FrameType | None) -> None:
             if not self._cleaning and self.error is None:
-                raise _Overran
+                self._caught = _Overran()
+                raise self._caught
 
         previous = {
             sig: signal.signal(sig, handler)
