@@ -311,16 +311,31 @@ def _alive(procs: dict[int, str]) -> dict[int, str]:
     return {pid: cmd for pid, cmd in procs.items() if _cmdline(pid) == cmd}
 
 
-def _leftovers(workdir: str) -> list[str]:
+def _leftover_pids(workdir: str) -> dict[int, str]:
     """Running processes whose command line names the work dir (broker, agent, sync)."""
-    lines = []
+    found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
         cmd = _cmdline(int(proc.name))
         if cmd and workdir in cmd and "pytest" not in cmd:
-            lines.append(cmd)
-    return lines
+            found[int(proc.name)] = cmd
+    return found
+
+
+def _leftovers(workdir: str) -> list[str]:
+    return list(_leftover_pids(workdir).values())
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers(tmp_path: Path) -> Iterator[None]:
+    """Whatever a demo started under the test's directory is killed after the test, also
+    when it failed or timed out: ``subprocess.run`` then kills the demo alone, and its
+    broker, agent and sync service would run on (seen: they skewed a later benchmark)."""
+    yield
+    for pid in _leftover_pids(str(tmp_path)):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_a_sigterm_whose_raise_a_finaliser_swallowed_still_stops_the_demo(
