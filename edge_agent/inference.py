@@ -625,7 +625,7 @@ class InferenceEngine:
             "latency_ms": round(latency, 4),
         }
         if len(entries) == 1 or not self.config.batching.group_predictions:
-            return [(topic, _dumps({**envelope, **e})) for e in entries]
+            return [(topic, encode_prediction({**envelope, **e})) for e in entries]
         return [(topic, payload) for payload in _grouped(envelope, entries)]
 
 
@@ -634,18 +634,17 @@ class InferenceEngine:
 GROUP_MAX_BYTES = 64 * 1024
 
 
-_dumps = encode_prediction
 
 
 def _grouped(envelope: dict[str, Any], entries: list[dict[str, Any]]) -> list[bytes]:
     """``{...envelope, "batch": [entries]}`` messages of at most GROUP_MAX_BYTES each
     (an entry larger than that alone still goes, alone)."""
-    head = _dumps(envelope)[:-1] + b',"batch":['
+    head = encode_prediction(envelope)[:-1] + b',"batch":['
     messages: list[bytes] = []
     part: list[bytes] = []
     size = len(head)
     for entry in entries:
-        encoded = _dumps(entry)
+        encoded = encode_prediction(entry)
         if part and size + len(encoded) + 3 > GROUP_MAX_BYTES:
             messages.append(head + b",".join(part) + b"]}")
             part, size = [], len(head)

@@ -510,28 +510,33 @@ class OutboxPump:
         ``committed`` has not run."""
         with self._turn:
             if defer:
-                reservation = self.outbox.reserve(items)
-                sent: list[Entry] = []
-                self._send_fresh(reservation.entries, sent)
-                if on_sent is not None:
-                    on_sent()
-                if len(sent) == len(reservation.entries):
-                    if not self._deferred:
-                        self._deferred_at = time.monotonic()
-                    self._deferred.append(_Deferred(reservation, sent, committed))
-                    self._wake.set()
-                    return len(sent)
-                # Not all on the wire (older entries wait, or no connection): the pump
-                # publishes them from the disk, so they must be there now.
-                self._deferred.append(_Deferred(reservation, sent, committed))
-                self._settle()
-                self._wake.set()
-                return len(reservation.entries)
+                return self._put_deferred(items, on_sent, committed)
             self._settle()  # what was deferred goes first, in its own transaction
             stored = self._put_now(items, on_sent)
         if committed is not None:
             _run_callback(committed)
         return stored
+
+    def _put_deferred(
+        self,
+        items: Sequence[tuple[str, bytes, int, bool]],
+        on_sent: Callable[[], None] | None,
+        committed: Callable[[], None] | None,
+    ) -> int:
+        reservation = self.outbox.reserve(items)
+        sent: list[Entry] = []
+        self._send_fresh(reservation.entries, sent)
+        if on_sent is not None:
+            on_sent()
+        if not self._deferred:
+            self._deferred_at = time.monotonic()
+        self._deferred.append(_Deferred(reservation, sent, committed))
+        if len(sent) < len(reservation.entries):
+            # Not all on the wire (older entries wait, or no connection): the pump
+            # publishes them from the disk, so they must be there now.
+            self._settle()
+        self._wake.set()
+        return len(reservation.entries)
 
     def _put_now(
         self, items: Sequence[tuple[str, bytes, int, bool]], on_sent: Callable[[], None] | None
